@@ -1,0 +1,146 @@
+"""The block-device interface that writers and recoveries are written against.
+
+Writers are generator functions so that one body of code runs both as a SimPy process on
+the simulated device (where ``write`` and ``flush`` yield SimPy events) and synchronously
+on a plain image or file (where they yield nothing). A writer calls::
+
+    data = dev.read(offset, length)          # reads are immediate
+    yield from dev.write(offset, data, fua=False)
+    yield from dev.flush()
+    dev.resize(size_bytes)                   # the file length; durable when made
+
+``run_sync`` drives such a generator on a device that never yields.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Generator, Protocol
+
+from .image import SparseImage
+from .trace import Trace, Write
+
+IOGen = Generator[Any, Any, Any]
+
+
+class BlockDevice(Protocol):
+    sector_bytes: int
+
+    @property
+    def size_bytes(self) -> int: ...
+    def read(self, offset: int, length: int) -> bytes: ...
+    def write(self, offset: int, data: bytes, fua: bool = False) -> IOGen: ...
+    def flush(self) -> IOGen: ...
+    def resize(self, size_bytes: int) -> None: ...
+
+
+class NotSynchronous(RuntimeError):
+    """A generator handed to run_sync tried to wait on a simulated event."""
+
+
+def run_sync(gen: IOGen) -> Any:
+    """Run a writer generator to completion on a synchronous device; return its value."""
+    try:
+        event = next(gen)
+    except StopIteration as stop:
+        return stop.value
+    gen.close()
+    raise NotSynchronous(f"generator yielded {event!r} on a synchronous device")
+
+
+class ImageDevice:
+    """A synchronous device over a SparseImage, recording a serial trace if asked.
+
+    Every command completes before the next is issued, so the trace it records has each
+    submit directly followed by its completion. This is the device recovery runs on: its
+    trace is what the recovery-crash exploration cuts power in.
+    """
+
+    sector_bytes = 512
+
+    def __init__(self, image: SparseImage, trace: Trace | None = None):
+        self.image = image
+        self.trace = trace
+        self._next_io = 0 if trace is None else len(trace.writes) + len(trace.steps)
+
+    @property
+    def size_bytes(self) -> int:
+        return self.image.size_bytes
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.image.read(offset, length)
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> IOGen:
+        data = bytes(data)
+        self.image.write(offset, data)
+        if self.trace is not None:
+            io_id = self._new_io()
+            self.trace.writes[io_id] = Write(io_id, offset, data, fua)
+            self.trace.add_step("write_submit", io_id)
+            self.trace.add_step("write_complete", io_id)
+        return
+        yield  # a generator that never waits
+
+    def flush(self) -> IOGen:
+        if self.trace is not None:
+            io_id = self._new_io()
+            self.trace.add_step("flush_submit", io_id)
+            self.trace.add_step("flush_complete", io_id)
+        return
+        yield
+
+    def resize(self, size_bytes: int) -> None:
+        self.image.resize(size_bytes)
+        if self.trace is not None:
+            self.trace.resizes.append((len(self.trace.steps), size_bytes))
+
+    def _new_io(self) -> int:
+        io_id = self._next_io
+        self._next_io += 1
+        return io_id
+
+
+class FileDevice:
+    """A real file as a block device: writes go to the file, flush is fsync."""
+
+    sector_bytes = 512
+
+    def __init__(self, path: str | os.PathLike, writable: bool = True):
+        self.path = os.fspath(path)
+        self._f = open(self.path, "r+b" if writable else "rb")
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "FileDevice":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def size_bytes(self) -> int:
+        return os.fstat(self._f.fileno()).st_size
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._f.seek(offset)
+        data = self._f.read(length)
+        return data + bytes(length - len(data))
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> IOGen:
+        self._f.seek(offset)
+        self._f.write(data)
+        if fua:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        return
+        yield
+
+    def flush(self) -> IOGen:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        return
+        yield
+
+    def resize(self, size_bytes: int) -> None:
+        self._f.flush()
+        self._f.truncate(size_bytes)

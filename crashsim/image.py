@@ -1,0 +1,181 @@
+"""Sparse copy-on-write disk images.
+
+A crash state is never a full copy of the disk. It is a chain of sector overlays over
+an immutable base: base <- durable writes <- the chosen pending units <- recovery's own
+writes. Each layer holds only the 512-byte sectors it changed, so building a state costs
+what the state differs by, not what the disk holds.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Iterator
+
+SECTOR_BYTES = 512
+_ZERO_SECTOR = bytes(SECTOR_BYTES)
+
+
+class SparseImage:
+    """A byte-addressed image made of 512-byte sectors; absent sectors read as zero."""
+
+    __slots__ = ("sectors", "parent", "size_bytes")
+
+    def __init__(self, size_bytes: int = 0, parent: "SparseImage | None" = None):
+        self.sectors: dict[int, bytes] = {}
+        self.parent = parent
+        self.size_bytes = size_bytes if parent is None else max(size_bytes, parent.size_bytes)
+
+    # -- layering -------------------------------------------------------------------
+    def fork(self) -> "SparseImage":
+        """A writable child; writes to it never reach this image."""
+        return SparseImage(self.size_bytes, parent=self)
+
+    def flattened(self) -> "SparseImage":
+        """One layer holding the same content, so that deep chains stay cheap to read."""
+        flat = SparseImage(self.size_bytes)
+        for layer in reversed(list(self._layers())):
+            flat.sectors.update(layer.sectors)
+        return flat
+
+    def _layers(self) -> Iterator["SparseImage"]:
+        layer: SparseImage | None = self
+        while layer is not None:
+            yield layer
+            layer = layer.parent
+
+    # -- sector access --------------------------------------------------------------
+    def sector(self, index: int) -> bytes:
+        layer: SparseImage | None = self
+        while layer is not None:
+            data = layer.sectors.get(index)
+            if data is not None:
+                return data
+            layer = layer.parent
+        return _ZERO_SECTOR
+
+    def put_sector(self, index: int, data: bytes) -> None:
+        self.sectors[index] = data
+
+    # -- byte access ----------------------------------------------------------------
+    def read(self, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        first, last = offset // SECTOR_BYTES, (offset + length - 1) // SECTOR_BYTES
+        if first == last:
+            start = offset - first * SECTOR_BYTES
+            return self.sector(first)[start:start + length]
+        blob = b"".join([self.sector(i) for i in range(first, last + 1)])
+        start = offset - first * SECTOR_BYTES
+        return blob[start:start + length]
+
+    def write(self, offset: int, data: bytes) -> None:
+        if not data:
+            return
+        end = offset + len(data)
+        if end > self.size_bytes:
+            self.size_bytes = end
+        pos = 0
+        index = offset // SECTOR_BYTES
+        skew = offset - index * SECTOR_BYTES
+        if skew:
+            head = min(SECTOR_BYTES - skew, len(data))
+            old = self.sector(index)
+            self.sectors[index] = old[:skew] + data[:head] + old[skew + head:]
+            pos, index = head, index + 1
+        mv = memoryview(data)
+        while pos + SECTOR_BYTES <= len(data):
+            self.sectors[index] = bytes(mv[pos:pos + SECTOR_BYTES])
+            pos += SECTOR_BYTES
+            index += 1
+        if pos < len(data):
+            old = self.sector(index)
+            self.sectors[index] = bytes(mv[pos:]) + old[len(data) - pos:]
+
+    def resize(self, size_bytes: int) -> None:
+        """Grow or shrink; sectors past a shrink read as zero again when regrown."""
+        if size_bytes < self.size_bytes:
+            last = (size_bytes + SECTOR_BYTES - 1) // SECTOR_BYTES
+            for layer in self._layers():
+                if layer is self:
+                    for idx in [i for i in layer.sectors if i >= last]:
+                        del layer.sectors[idx]
+                elif any(i >= last for i in layer.sectors):
+                    # A parent may not be changed: mask its tail with zero sectors.
+                    for idx in [i for i in layer.sectors if i >= last]:
+                        self.sectors.setdefault(idx, _ZERO_SECTOR)
+            if size_bytes % SECTOR_BYTES:
+                keep = size_bytes % SECTOR_BYTES
+                old = self.sector(last - 1)
+                self.sectors[last - 1] = old[:keep] + bytes(SECTOR_BYTES - keep)
+        self.size_bytes = size_bytes
+
+    # -- identity -------------------------------------------------------------------
+    def changed_sectors(self) -> dict[int, bytes]:
+        """Every sector set in any layer, with its visible value."""
+        out: dict[int, bytes] = {}
+        for layer in self._layers():
+            for idx, data in layer.sectors.items():
+                out.setdefault(idx, data)
+        return out
+
+    def content_key(self) -> str:
+        """Digest of the visible content: equal keys mean equal images."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(self.size_bytes.to_bytes(8, "little"))
+        for idx, data in sorted(self.changed_sectors().items()):
+            if data != _ZERO_SECTOR:
+                h.update(idx.to_bytes(8, "little"))
+                h.update(data)
+        return h.hexdigest()
+
+    # -- files ----------------------------------------------------------------------
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "SparseImage":
+        """Load a file, skipping holes and all-zero sectors."""
+        size = os.path.getsize(path)
+        img = cls(size)
+        with open(path, "rb") as f:
+            for start, end in _data_extents(f.fileno(), size):
+                f.seek(start)
+                pos = start
+                while pos < end:
+                    chunk = f.read(min(1 << 20, end - pos))
+                    if not chunk:
+                        break
+                    _store_nonzero(img, pos, chunk)
+                    pos += len(chunk)
+        return img
+
+    def to_file(self, path: str | os.PathLike) -> None:
+        """Write a sparse file with the same content."""
+        with open(path, "wb") as f:
+            f.truncate(self.size_bytes)
+            for idx, data in sorted(self.changed_sectors().items()):
+                if data != _ZERO_SECTOR and idx * SECTOR_BYTES < self.size_bytes:
+                    f.seek(idx * SECTOR_BYTES)
+                    f.write(data[: self.size_bytes - idx * SECTOR_BYTES])
+
+
+def _store_nonzero(img: SparseImage, pos: int, chunk: bytes) -> None:
+    # Files are read in whole sectors except perhaps the very last one.
+    for off in range(0, len(chunk), SECTOR_BYTES):
+        piece = chunk[off:off + SECTOR_BYTES]
+        if piece.count(0) != len(piece):
+            img.sectors[(pos + off) // SECTOR_BYTES] = piece.ljust(SECTOR_BYTES, b"\0")
+
+
+def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of the non-hole ranges of a file; the whole file if unsupported."""
+    seek_data = getattr(os, "SEEK_DATA", None)
+    if seek_data is None:
+        yield 0, size
+        return
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, seek_data)
+        except OSError:
+            return
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, end
+        pos = end

@@ -1,0 +1,75 @@
+"""The writer plugin protocol: what crashsim needs from the code under test.
+
+A writer owns its on-disk format. crashsim owns the device, the crash states and the
+verdict. The contract, in the order the explorer uses it:
+
+``format_image()``
+    The initial image, as a SparseImage (the "old" state of an empty workload).
+``run(dev, tx)``
+    A generator (SimPy process body) that performs the workload on ``dev``, calling
+    ``tx.start(i)`` before transaction ``i`` and ``tx.ack(i)`` once it is acknowledged.
+``recover(dev)``
+    A generator that repairs a crashed image in place (for example, log replay) and
+    returns a ``Recovery``; it raises ``RecoveryError`` when it refuses the image.
+``view(dev, ranges)``
+    The bytes the user would see at the model's ``ranges`` (guest disk or file ranges).
+``check_structure(dev)``
+    Problems with the image by the format's own rules, as strings; empty when valid.
+``probe(dev)``
+    A generator that runs one more transaction on a recovered image (liveness);
+    raises ``ProbeFailed`` when the image can no longer be used.
+
+Expected content never comes from the writer: the reference model in ``model.py`` is
+built from the workload's operations alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from ..blockdev import BlockDevice, IOGen
+from ..image import SparseImage
+from ..model import Op
+
+
+class RecoveryError(Exception):
+    """Recovery refused the image. ``offset`` is where the problem was found, if known."""
+
+    def __init__(self, reason: str, offset: int | None = None):
+        super().__init__(reason if offset is None else f"{reason} (at offset {offset:#x})")
+        self.reason = reason
+        self.offset = offset
+
+
+class ProbeFailed(Exception):
+    """The liveness transaction failed on a recovered image."""
+
+
+@dataclass
+class Recovery:
+    """What recovery decided, for the report and for path coverage."""
+
+    decisions: list[str] = field(default_factory=list)
+    branches: list[str] = field(default_factory=list)
+
+
+class TxReporter(Protocol):
+    def start(self, tx: int) -> None: ...
+    def ack(self, tx: int) -> None: ...
+
+
+class Writer(Protocol):
+    kind: ClassVar[str]
+    # defect switch name -> one line saying what mistake it models
+    defects_available: ClassVar[dict[str, str]]
+    # workload op kinds this writer accepts (e.g. {"guest_write"})
+    op_kinds: ClassVar[frozenset[str]]
+
+    def __init__(self, *, ops: list[Op], image: dict[str, Any], defects: list[str],
+                 seed: int) -> None: ...
+    def format_image(self) -> SparseImage: ...
+    def run(self, dev: BlockDevice, tx: TxReporter) -> IOGen: ...
+    def recover(self, dev: BlockDevice) -> IOGen: ...
+    def view(self, dev: BlockDevice, ranges: list[tuple[int, int]]) -> bytes: ...
+    def check_structure(self, dev: BlockDevice) -> list[str]: ...
+    def probe(self, dev: BlockDevice) -> IOGen: ...
