@@ -1,0 +1,248 @@
+"""Exploration: simulate once, then judge the crash states of every I/O step.
+
+The run is simulated one time; its trace is the only input to every crash state.
+Steps are split into chunks and judged serially or by a pool of processes; chunk
+results are merged in step order, so results are identical whatever the worker count.
+Failing states are then shrunk in the parent, one per distinct violation.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from . import crashstates
+from .blockdev import ImageDevice, run_sync
+from .device import DeviceConfig, simulate
+from .model import RangeModel
+from .oracle import Judge, Verdict
+from .scenario import Scenario
+from .trace import Trace
+from .writers import load_writer_class
+
+MAX_FAILURES_PER_STEP = 8
+RECOVERY_SEP = "/r"
+
+
+@dataclass
+class Failure:
+    state_id: str
+    step: int
+    tier: str
+    outcome: str
+    survivors: list[int]
+    torn: list[tuple[int, int]]
+
+
+@dataclass
+class StepResult:
+    step: int
+    pending: int
+    durable: int
+    acked: int
+    started: int
+    legal: int
+    legal_log10: float
+    explored: int = 0
+    skipped: int = 0
+    keys: list[str] = field(default_factory=list)
+    outcomes: Counter = field(default_factory=Counter)
+    heat: Counter = field(default_factory=Counter)
+    paths: Counter = field(default_factory=Counter)
+    failures: list[Failure] = field(default_factory=list)
+
+
+# -- the per-process context ----------------------------------------------------------
+
+@dataclass
+class Context:
+    scenario: Scenario
+    writer: object
+    model: RangeModel
+    trace: Trace
+    judge: Judge
+
+
+def make_writer(scenario: Scenario):
+    cls = load_writer_class(scenario.writer.kind)
+    w = scenario.workload
+    image = {"virtual_size": w.image.virtual_size, "block_size": w.image.block_size,
+             "log_size": w.image.log_size}
+    return cls(ops=scenario.ops(), image=image, defects=list(scenario.writer.defects),
+               seed=scenario.explore.seed)
+
+
+def device_config(scenario: Scenario) -> DeviceConfig:
+    d = scenario.device
+    return DeviceConfig(atomic_write_bytes=d.atomic_write_bytes, mode=d.cache.mode,
+                        capacity_bytes=d.cache.capacity_bytes, destage=d.cache.destage,
+                        write_latency_us=d.latency_us.write,
+                        flush_latency_us=d.latency_us.flush,
+                        destage_latency_us=d.latency_us.destage,
+                        faults=frozenset(d.faults), seed=scenario.explore.seed)
+
+
+def build_context(scenario: Scenario, trace: Trace | None = None) -> Context:
+    writer = make_writer(scenario)
+    model = RangeModel(scenario.ops())
+    if trace is None:
+        trace = simulate(writer, device_config(scenario))
+    return Context(scenario, writer, model, trace, Judge(writer, model))
+
+
+# -- judging the states of a chunk of steps -------------------------------------------
+
+def explore_steps(ctx: Context, steps: Iterable[int]) -> list[StepResult]:
+    wanted = set(steps)
+    out = []
+    for st in crashstates.iter_steps(ctx.trace):
+        if st.p in wanted:
+            out.append(_explore_step(ctx, st))
+        if st.p >= max(wanted, default=-1):
+            break
+    return out
+
+
+def _explore_step(ctx: Context, st) -> StepResult:
+    ex = ctx.scenario.explore
+    trace = ctx.trace
+    acked, started = trace.acked(st.p), trace.started(st.p)
+    res = StepResult(st.p, len(st.pending), len(st.durable_ids), acked, started,
+                     st.legal_count, st.legal_log10)
+    garbage = "garbage" in ctx.scenario.device.faults
+    states = crashstates.enumerate_states(st, ex.max_states_per_step, ex.seed,
+                                          garbage=garbage)
+    res.skipped = max(0, min(st.legal_count, 10**18) - len(states))
+    for cs in states:
+        key = _key(cs)
+        verdict = ctx.judge.judge(cs.image, acked, started, key=key)
+        _count(res, cs, verdict, key)
+        if ex.recovery_crash:
+            _recovery_crash(ctx, res, cs, acked, started)
+    return res
+
+
+def _key(cs) -> str:
+    return getattr(cs, "content_key", None) or cs.image.content_key()
+
+
+def _count(res: StepResult, cs, verdict: Verdict, key: str) -> None:
+    res.explored += 1
+    res.keys.append(key)
+    res.outcomes[verdict.outcome] += 1
+    res.heat[(len(cs.torn), len(cs.survivors), verdict.outcome)] += 1
+    for branch in verdict.examined.recovery.branches:
+        res.paths[branch] += 1
+    if not verdict.passed and len(res.failures) < MAX_FAILURES_PER_STEP:
+        res.failures.append(Failure(cs.state_id, res.step, cs.tier, verdict.outcome,
+                                    sorted(cs.survivors), sorted(cs.torn)))
+
+
+def _recovery_crash(ctx: Context, res: StepResult, cs, acked: int, started: int) -> None:
+    """Cut power at every step of this state's own recovery, then recover again."""
+    ex = ctx.judge.examine(cs.image, record=True)
+    rtrace = ex.recovery_trace
+    if rtrace is None or not rtrace.steps:
+        return
+    budget = ctx.scenario.explore.recovery_states_per_step
+    for rst in crashstates.iter_steps(rtrace):
+        if rst.p == 0:
+            continue  # nothing of recovery has happened yet: that is cs itself
+        for rcs in crashstates.enumerate_states(rst, budget, ctx.scenario.explore.seed):
+            rcs.state_id = cs.state_id + RECOVERY_SEP + rcs.state_id
+            rcs.tier = "recovery-" + rcs.tier
+            key = _key(rcs)
+            verdict = ctx.judge.judge(rcs.image, acked, started, key=key)
+            _count(res, rcs, verdict, key)
+
+
+# -- rebuilding any state from its ID -------------------------------------------------
+
+def build_any(ctx: Context, state_id: str):
+    """The crash state an ID names, including states cut during recovery."""
+    outer, sep, inner = state_id.partition(RECOVERY_SEP)
+    cs = crashstates.build_state(ctx.trace, outer)
+    if not sep:
+        return cs
+    ex = ctx.judge.examine(cs.image, record=True)
+    rcs = crashstates.build_state(ex.recovery_trace, inner)
+    rcs.state_id = state_id
+    return rcs
+
+
+# -- orchestration --------------------------------------------------------------------
+
+_WORKER: Context | None = None
+
+
+def _init_worker(scenario: Scenario, trace: Trace) -> None:
+    global _WORKER
+    _WORKER = build_context(scenario, trace)
+
+
+def _run_chunk(steps: list[int]) -> list[StepResult]:
+    assert _WORKER is not None
+    return explore_steps(_WORKER, steps)
+
+
+def chunks(n_points: int, workers: int) -> list[list[int]]:
+    """Interleaved chunks of crash points, so late (costlier) steps spread evenly."""
+    size = max(1, min(16, math.ceil(n_points / (workers * 4))))
+    return [list(range(i, min(i + size, n_points))) for i in range(0, n_points, size)]
+
+
+def explore_all(ctx: Context, workers: int = 1,
+                progress: Callable[[int, int], None] | None = None,
+                executor: str = "process", scheduler: str | None = None
+                ) -> list[StepResult]:
+    n_points = ctx.trace.n_steps + 1
+    parts = chunks(n_points, workers)
+    results: list[StepResult] = []
+    if executor == "dask":
+        from .dask_executor import map_chunks
+        for chunk_result in map_chunks(ctx.scenario, ctx.trace, parts, scheduler, workers):
+            results += chunk_result
+            if progress:
+                progress(len(results), n_points)
+    elif workers <= 1:
+        for part in parts:
+            results += explore_steps(ctx, part)
+            if progress:
+                progress(len(results), n_points)
+    else:
+        with ProcessPoolExecutor(workers, initializer=_init_worker,
+                                 initargs=(ctx.scenario, ctx.trace)) as pool:
+            for chunk_result in pool.map(_run_chunk, parts):
+                results += chunk_result
+                if progress:
+                    progress(len(results), n_points)
+    results.sort(key=lambda r: r.step)
+    return results
+
+
+def shrink_failure(ctx: Context, failure: Failure):
+    """A smallest state that fails with the same outcome as ``failure``."""
+    outer, sep, inner = failure.state_id.partition(RECOVERY_SEP)
+    acked, started = ctx.trace.acked(failure.step), ctx.trace.started(failure.step)
+
+    def fails(cs) -> bool:
+        return ctx.judge.judge(cs.image, acked, started, key=_key(cs)).outcome == \
+            failure.outcome
+
+    if not sep:
+        return crashstates.shrink(ctx.trace, crashstates.build_state(ctx.trace, outer),
+                                  fails)
+    base = crashstates.build_state(ctx.trace, outer)
+    rtrace = ctx.judge.examine(base.image, record=True).recovery_trace
+    small = crashstates.shrink(rtrace, crashstates.build_state(rtrace, inner), fails)
+    small.state_id = outer + RECOVERY_SEP + small.state_id
+    return small
+
+
+def replay_device(ctx: Context, state) -> ImageDevice:
+    """A device holding the recovered image of ``state``, for inspection."""
+    dev = ImageDevice(state.image.fork())
+    run_sync(ctx.writer.recover(dev))
+    return dev

@@ -1,0 +1,155 @@
+"""The oracle: recover a crash state and say old, new, or which violation.
+
+With A transactions acknowledged and I started at the crash, the recovered view must
+equal the reference model after k transactions for some A <= k <= I. The checks run in
+order of severity, and the first that fails names the outcome:
+
+``recovery-error``  recovery raised, refused the image, or crashed
+``lost``            the view matches only some k < A: an acknowledged update vanished
+``mixed``           the view matches no k at all
+``structure``       the image breaks its format's own rules
+``stuck``           all of the above pass, but one more transaction fails
+``old`` / ``new``   k == A / k > A
+
+What recovery did depends only on the image content, so ``Judge`` caches that part by
+content and applies A and I afterwards.
+"""
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+
+from .blockdev import ImageDevice, run_sync
+from .image import SparseImage
+from .model import RangeModel
+from .trace import Trace
+from .writers.base import ProbeFailed, Recovery, RecoveryError
+
+PASSING = ("old", "new")
+
+
+@dataclass
+class Examined:
+    """What recovering one image content produced, before A and I are applied."""
+
+    recovery: Recovery
+    error: str | None = None
+    matched_k: list[int] = field(default_factory=list)
+    structure: list[str] = field(default_factory=list)
+    probe_error: str | None = None
+    view: bytes | None = None
+    recovery_trace: Trace | None = None
+
+
+@dataclass
+class Verdict:
+    outcome: str
+    matched_k: list[int]
+    detail: str
+    examined: Examined
+
+    @property
+    def passed(self) -> bool:
+        return self.outcome in PASSING
+
+
+def classify(ex: Examined, acked: int, started: int) -> Verdict:
+    if ex.error is not None:
+        return Verdict("recovery-error", [], ex.error, ex)
+    ks = ex.matched_k
+    allowed = [k for k in ks if acked <= k <= started]
+    if not allowed:
+        if any(k < acked for k in ks):
+            return Verdict("lost", ks, f"view equals the model after {max(ks)} "
+                           f"transactions, but {acked} were acknowledged", ex)
+        return Verdict("mixed", ks, f"view matches the model after no number of "
+                       f"transactions (allowed {acked}..{started})", ex)
+    if ex.structure:
+        return Verdict("structure", ks, "; ".join(ex.structure), ex)
+    if ex.probe_error is not None:
+        return Verdict("stuck", ks, ex.probe_error, ex)
+    outcome = "old" if acked in allowed else "new"
+    return Verdict(outcome, ks, "", ex)
+
+
+class Judge:
+    """Recovers images with a writer and checks them against a model, with a cache."""
+
+    def __init__(self, writer, model: RangeModel, *, probe: bool = True,
+                 keep_views: bool = False):
+        self.writer = writer
+        self.model = model
+        self.probe = probe
+        self.keep_views = keep_views
+        self._cache: dict[object, Examined] = {}
+        self.cache_hits = 0
+
+    def judge(self, image: SparseImage, acked: int, started: int,
+              key: object | None = None, record: bool = False) -> Verdict:
+        return classify(self.examine(image, key, record), acked, started)
+
+    def examine(self, image: SparseImage, key: object | None = None,
+                record: bool = False) -> Examined:
+        if key is not None and not record:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self.cache_hits += 1
+                return hit
+        ex = self._examine(image, record)
+        if key is not None and not record:
+            self._cache[key] = ex
+        return ex
+
+    def _examine(self, image: SparseImage, record: bool) -> Examined:
+        work = image.fork()
+        rec_trace = Trace(base=image) if record else None
+        dev = ImageDevice(work, trace=rec_trace)
+        try:
+            recovery = run_sync(self.writer.recover(dev)) or Recovery()
+        except RecoveryError as exc:
+            return Examined(Recovery(branches=["refused"]), error=f"refused: {exc}",
+                            recovery_trace=rec_trace)
+        except Exception as exc:  # a crashing recovery is a finding, not our crash
+            return Examined(Recovery(branches=["crashed"]), error=_crash_text(exc),
+                            recovery_trace=rec_trace)
+        ex = Examined(recovery, recovery_trace=rec_trace)
+        try:
+            view = self.writer.view(dev, self.model.ranges)
+            ex.structure = list(self.writer.check_structure(dev))
+        except RecoveryError as exc:
+            ex.error = f"unreadable after recovery: {exc}"
+            return ex
+        except Exception as exc:
+            ex.error = _crash_text(exc)
+            return ex
+        ex.matched_k = self.model.matching(view)
+        if self.keep_views:
+            ex.view = view
+        if self.probe and ex.matched_k and not ex.structure:
+            ex.probe_error = self._probe(work)
+        return ex
+
+    def _probe(self, recovered: SparseImage) -> str | None:
+        dev = ImageDevice(recovered.fork())
+        try:
+            run_sync(self.writer.probe(dev))
+        except (ProbeFailed, RecoveryError) as exc:
+            return f"next transaction failed: {exc}"
+        except Exception as exc:
+            return f"next transaction crashed: {_crash_text(exc)}"
+        return None
+
+    def view_of(self, image: SparseImage) -> bytes | None:
+        """The recovered view of one image, for a diff; None when recovery fails."""
+        dev = ImageDevice(image.fork())
+        try:
+            run_sync(self.writer.recover(dev))
+            return self.writer.view(dev, self.model.ranges)
+        except Exception:
+            return None
+
+
+def _crash_text(exc: BaseException) -> str:
+    frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
+    where = f" at {frame[0].filename.rsplit('/', 1)[-1]}:{frame[0].lineno}" if frame else ""
+    return f"recovery crashed: {type(exc).__name__}: {exc}{where}"

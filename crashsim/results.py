@@ -1,0 +1,181 @@
+"""results.json: the deterministic record of one scenario's exploration.
+
+Nothing here depends on wall-clock time, worker count or executor: the same scenario and
+seed give byte-identical output. Timing lives beside it, in the report only.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from collections import Counter
+from typing import Any
+
+from . import __version__
+from .diff import view_diff
+from .explore import Context, Failure, StepResult, build_any, shrink_failure
+from .scenario import OUTCOME_CLASSES, VIOLATION_CLASSES, Scenario
+
+SHRINK_PER_CLASS = 3
+EXACT_LIMIT = 10**18
+
+
+def build_results(ctx: Context, steps: list[StepResult], scenario_path: str,
+                  complete: bool = True) -> dict[str, Any]:
+    sc = ctx.scenario
+    violations = _violations(ctx, steps, scenario_path)
+    counts = Counter(v["class"] for v in violations)
+    totals = _totals(steps)
+    found = {c for c, n in totals["outcomes"].items() if n and c in VIOLATION_CLASSES}
+    return {
+        "crashsim_version": __version__,
+        "scenario": _scenario_block(sc, scenario_path),
+        "verdict": "pass" if expect_met(sc, found) and complete else "fail",
+        "complete": complete,
+        "skipped_states": sum(s.skipped for s in steps),
+        "workload_error": ctx.trace.failed,
+        "totals": totals,
+        "per_step": [_step_block(ctx, s) for s in steps],
+        "recovery_paths": dict(sorted(sum((s.paths for s in steps), Counter()).items())),
+        "timeline": timeline(ctx.trace),
+        "heatmap": {"cells": _heat(steps)},
+        "violations": violations,
+        "violation_counts": {c: totals["outcomes"][c] for c in VIOLATION_CLASSES},
+        "violation_classes_found": sorted(found),
+    }
+
+
+def expect_met(sc: Scenario, found: set[str]) -> bool:
+    wanted = set(sc.expected_violations)
+    if not wanted:
+        return not found
+    return wanted <= found
+
+
+def dumps(results: dict[str, Any]) -> str:
+    return json.dumps(results, indent=1, sort_keys=False, allow_nan=False) + "\n"
+
+
+def _scenario_block(sc: Scenario, path: str) -> dict[str, Any]:
+    return {"name": sc.name, "description": sc.description, "path": path,
+            "hash": sc.digest(), "seed": sc.explore.seed, "writer": sc.writer.kind,
+            "defects": list(sc.writer.defects), "device": sc.device.model_dump(mode="json"),
+            "explore": sc.explore.model_dump(mode="json"),
+            "transactions": len(sc.ops()),
+            "expect": sc.expect if sc.expect == "pass" else sc.expect.model_dump()}
+
+
+def _legal(values: list[int]) -> tuple[int | None, float]:
+    total = sum(values)
+    log10 = round(math.log10(total), 6) if total > 0 else 0.0
+    return (total if total < EXACT_LIMIT else None), log10
+
+
+def _totals(steps: list[StepResult]) -> dict[str, Any]:
+    legal, log10 = _legal([s.legal for s in steps])
+    outcomes = Counter()
+    seen: set[str] = set()
+    for s in steps:
+        outcomes.update(s.outcomes)
+        seen.update(s.keys)
+    return {"steps": max(0, len(steps) - 1), "crash_points": len(steps),
+            "legal_states": legal, "legal_states_log10": log10,
+            "explored": sum(s.explored for s in steps), "distinct": len(seen),
+            "outcomes": {c: outcomes.get(c, 0) for c in OUTCOME_CLASSES}}
+
+
+def _step_block(ctx: Context, s: StepResult) -> dict[str, Any]:
+    if s.step == 0:
+        kind, io_id, time_us = "start", None, 0.0
+    else:
+        st = ctx.trace.steps[s.step - 1]
+        kind, io_id, time_us = st.kind, st.io_id, st.time_us
+    legal, log10 = _legal([s.legal])
+    return {"step": s.step, "kind": kind, "io_id": io_id, "time_us": time_us,
+            "pending": s.pending, "durable": s.durable, "acked": s.acked,
+            "started": s.started, "legal_states": legal, "legal_states_log10": log10,
+            "explored": s.explored, "distinct": len(set(s.keys)),
+            "outcomes": {c: s.outcomes[c] for c in OUTCOME_CLASSES if s.outcomes[c]}}
+
+
+def _heat(steps: list[StepResult]) -> list[dict[str, Any]]:
+    return [{"step": s.step, "torn_units": torn, "survivors": surv, "outcome": outcome,
+             "count": n}
+            for s in steps for (torn, surv, outcome), n in sorted(s.heat.items())]
+
+
+def timeline(trace) -> dict[str, Any]:
+    ios: dict[int, dict[str, Any]] = {}
+    for i, st in enumerate(trace.steps, start=1):
+        kind, phase = st.kind.split("_")
+        rec = ios.setdefault(st.io_id, {"io_id": st.io_id, "kind": kind, "offset": None,
+                                        "length": None, "fua": False, "submit_us": None,
+                                        "complete_us": None, "submit_step": None,
+                                        "complete_step": None})
+        rec[f"{phase}_us"] = st.time_us
+        rec[f"{phase}_step"] = i
+        w = trace.writes.get(st.io_id)
+        if w is not None:
+            rec.update(offset=w.offset, length=len(w.data), fua=w.fua)
+    times = [0.0] + [st.time_us for st in trace.steps]
+    tx: dict[int, dict[str, Any]] = {}
+    for m in trace.tx_marks:
+        rec = tx.setdefault(m.tx, {"tx": m.tx, "start_us": None, "ack_us": None})
+        rec[f"{m.kind}_us"] = times[min(m.at_step, len(times) - 1)]
+    return {"ios": sorted(ios.values(), key=lambda r: r["submit_step"] or 0),
+            "tx": [tx[k] for k in sorted(tx)]}
+
+
+# -- violations -----------------------------------------------------------------------
+
+def _violations(ctx: Context, steps: list[StepResult], path: str) -> list[dict[str, Any]]:
+    by_class: dict[str, list[Failure]] = {}
+    for s in steps:
+        for f in s.failures:
+            by_class.setdefault(f.outcome, []).append(f)
+    out: list[dict[str, Any]] = []
+    for cls in VIOLATION_CLASSES:
+        seen_minimal: set[str] = set()
+        for failure in by_class.get(cls, [])[:SHRINK_PER_CLASS]:
+            record = _violation(ctx, failure, path)
+            if record["minimal_state_id"] in seen_minimal:
+                continue
+            seen_minimal.add(record["minimal_state_id"])
+            out.append(record)
+    return out
+
+
+def _violation(ctx: Context, f: Failure, path: str) -> dict[str, Any]:
+    minimal = shrink_failure(ctx, f) if ctx.scenario.explore.shrink else \
+        build_any(ctx, f.state_id)
+    acked, started = ctx.trace.acked(f.step), ctx.trace.started(f.step)
+    verdict = ctx.judge.judge(minimal.image, acked, started)
+    actual = ctx.judge.view_of(minimal.image)
+    expected = _closest_expected(ctx, actual, acked, started)
+    block = ctx.scenario.workload.image.block_size
+    return {
+        "class": f.outcome, "state_id": f.state_id,
+        "minimal_state_id": minimal.state_id, "step": f.step, "tier": f.tier,
+        "survivors": f.survivors, "torn": [list(t) for t in f.torn],
+        "minimal_survivors": sorted(minimal.survivors),
+        "minimal_torn": [list(t) for t in sorted(minimal.torn)],
+        "allowed_k": [acked, started], "matched_k": verdict.matched_k,
+        "detail": verdict.detail,
+        "diff": view_diff(ctx.model, expected, actual, block),
+        "recovery_log": list(verdict.examined.recovery.decisions),
+        "replay_command": replay_command(minimal.state_id, path),
+    }
+
+
+def _closest_expected(ctx: Context, actual: bytes | None, acked: int,
+                      started: int) -> bytes:
+    """The allowed model view nearest to what recovery produced, to diff against."""
+    top = min(started, len(ctx.model.ops))
+    views = [ctx.model.view_after(k) for k in range(min(acked, top), top + 1)]
+    if actual is None or len(views) == 1:
+        return views[0]
+    return min(views, key=lambda v: sum(a != b for a, b in zip(v[::64], actual[::64])))
+
+
+def replay_command(state_id: str, scenario_path: str) -> str:
+    return shlex.join(["crashsim", "replay", state_id, "--scenario", scenario_path])

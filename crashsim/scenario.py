@@ -1,0 +1,350 @@
+"""Scenario files: YAML in, a validated ``Scenario`` out, or errors that point at the line.
+
+Every problem is reported, not just the first, each as one line
+``file:line: key: message (got value)``. Unknown and duplicate keys are errors; sizes may
+be written as ``64KiB``. Loading never raises anything but ``ScenarioError``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      field_validator, model_validator)
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+
+from .model import Op, random_ops
+from .sizes import parse_size
+
+OUTCOME_CLASSES = ("old", "new", "mixed", "lost", "recovery-error", "stuck", "structure")
+VIOLATION_CLASSES = OUTCOME_CLASSES[2:]
+MAX_IMAGE_BYTES = 1 << 40          # 1 TiB of virtual disk: the image stays sparse
+MAX_STATES_PER_STEP = 1_000_000
+MAX_OPS = 10_000
+MAX_SCENARIO_BYTES = 1 << 20
+
+
+class ScenarioError(Exception):
+    """One or more problems in a scenario file; ``str`` is one line per problem."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def _size(v: Any) -> int:
+    return parse_size(v)
+
+
+def _pattern(v: Any) -> int:
+    if isinstance(v, str):
+        try:
+            v = int(v, 0)
+        except ValueError:
+            raise ValueError(f"expected a byte such as 0xab, got {v!r}") from None
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 255:
+        raise ValueError(f"expected a byte 0..255 such as 0xab, got {v!r}")
+    return v
+
+
+Size = Annotated[int, BeforeValidator(_size)]
+Pattern = Annotated[int, BeforeValidator(_pattern)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CacheConfig(_Strict):
+    mode: Literal["writeback", "writethrough"] = "writeback"
+    capacity_bytes: Size = 1 << 20
+    destage: Literal["fifo", "random", "elevator"] = "fifo"
+
+    @field_validator("capacity_bytes")
+    @classmethod
+    def _capacity(cls, v: int) -> int:
+        if not 512 <= v <= 1 << 34:
+            raise ValueError("cache capacity must be between 512 bytes and 16GiB")
+        return v
+
+
+class LatencyConfig(_Strict):
+    write: float = Field(100.0, ge=0, le=1e9)
+    flush: float = Field(2000.0, ge=0, le=1e9)
+    destage: float = Field(20.0, ge=0, le=1e9)
+
+
+class DeviceSection(_Strict):
+    atomic_write_bytes: int = 512
+    cache: CacheConfig = CacheConfig()
+    latency_us: LatencyConfig = LatencyConfig()
+    faults: list[Literal["garbage", "lying_flush"]] = []
+
+    @field_validator("atomic_write_bytes", mode="before")
+    @classmethod
+    def _atomic(cls, v: Any) -> int:
+        v = parse_size(v)
+        if v not in (512, 4096):
+            raise ValueError("atomic_write_bytes must be 512 or 4096 (a power of two "
+                             "the device writes all-or-nothing)")
+        return v
+
+
+class WriterSection(_Strict):
+    kind: str
+    defects: list[str] = []
+
+
+class ImageSection(_Strict):
+    virtual_size: Size = 64 << 20
+    block_size: Size = 1 << 20
+    log_size: Size = 1 << 20
+
+    @model_validator(mode="after")
+    def _sane(self) -> "ImageSection":
+        if not 1 << 20 <= self.virtual_size <= MAX_IMAGE_BYTES:
+            raise ValueError("virtual_size must be between 1MiB and 1TiB")
+        if self.block_size not in {1 << n for n in range(20, 29)}:
+            raise ValueError("block_size must be a power of two from 1MiB to 256MiB")
+        if self.log_size == 0 or self.log_size % (1 << 20) or self.log_size > 1 << 30:
+            raise ValueError("log_size must be a non-zero multiple of 1MiB, at most 1GiB")
+        return self
+
+
+class WriteOp(_Strict):
+    offset: Size
+    length: Size
+    pattern: Pattern = 0xAB
+
+    @field_validator("length")
+    @classmethod
+    def _length(cls, v: int) -> int:
+        if not 0 < v <= 1 << 30:
+            raise ValueError("length must be between 1 byte and 1GiB")
+        return v
+
+
+class OpItem(_Strict):
+    guest_write: WriteOp | None = None
+    log_write: WriteOp | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "OpItem":
+        if (self.guest_write is None) == (self.log_write is None):
+            raise ValueError("each op must have exactly one of guest_write or log_write")
+        return self
+
+
+class RandomSection(_Strict):
+    count: int = Field(0, ge=0, le=MAX_OPS)
+    seed: int = 1
+    kind: Literal["guest_write", "log_write"] = "guest_write"
+    max_length: Size = 256 * 1024
+
+
+class WorkloadSection(_Strict):
+    image: ImageSection = ImageSection()
+    ops: list[OpItem] = Field([], max_length=MAX_OPS)
+    random: RandomSection = RandomSection()
+
+
+class ExploreSection(_Strict):
+    seed: int = 1
+    max_states_per_step: int = Field(2048, ge=1, le=MAX_STATES_PER_STEP)
+    recovery_crash: bool = False
+    recovery_states_per_step: int = Field(64, ge=1, le=MAX_STATES_PER_STEP)
+    shrink: bool = True
+
+
+class ExpectViolations(_Strict):
+    violations: list[Literal["mixed", "lost", "recovery-error", "stuck", "structure"]] = \
+        Field(min_length=1)
+
+
+class Scenario(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    description: str = Field("", max_length=1000)
+    device: DeviceSection = DeviceSection()
+    writer: WriterSection
+    workload: WorkloadSection = WorkloadSection()
+    explore: ExploreSection = ExploreSection()
+    expect: Union[Literal["pass"], ExpectViolations] = "pass"
+
+    def ops(self) -> list[Op]:
+        """The workload's transactions: listed ops, then the seeded random ones."""
+        ops: list[Op] = []
+        for item in self.workload.ops:
+            kind = "guest_write" if item.guest_write is not None else "log_write"
+            w = item.guest_write or item.log_write
+            ops.append(Op(kind, w.offset, w.length, w.pattern))
+        r = self.workload.random
+        if r.count:
+            ops += random_ops(r.kind, r.count, r.seed, self.workload.image.virtual_size,
+                              r.max_length)
+        return ops
+
+    def digest(self) -> str:
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def expected_violations(self) -> list[str]:
+        return [] if self.expect == "pass" else list(self.expect.violations)
+
+
+# -- loading --------------------------------------------------------------------------
+
+def load_scenario(path: str | Path) -> Scenario:
+    """Parse and validate one scenario file; raise ScenarioError with every problem."""
+    path = Path(path)
+    data = _read_yaml(path)
+    try:
+        scenario = Scenario.model_validate(_plain(data))
+    except ValidationError as exc:
+        raise ScenarioError(_format_errors(path, data, exc.errors())) from None
+    _check_ops_fit(path, data, scenario)
+    return scenario
+
+
+def _read_yaml(path: Path) -> CommentedMap:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ScenarioError([f"{path}:0: file not found (check the path)"]) from None
+    except OSError as exc:
+        raise ScenarioError([f"{path}:0: cannot read: {exc.strerror}"]) from None
+    if len(raw) > MAX_SCENARIO_BYTES:
+        raise ScenarioError([f"{path}:0: file is larger than 1MiB; a scenario is a few "
+                             f"lines of YAML"])
+    if b"&" in raw and b"*" in raw and raw.count(b"*") > 64:
+        raise ScenarioError([f"{path}:0: too many YAML aliases; write the values out"])
+    yaml = YAML(typ="rt")
+    yaml.allow_duplicate_keys = False
+    try:
+        data = yaml.load(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ScenarioError([f"{path}:0: not UTF-8 text (byte {exc.start})"]) from None
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 0
+        what = (exc.problem or exc.context or "YAML error").strip()
+        raise ScenarioError([f"{path}:{line}: YAML: {what}"]) from None
+    except (YAMLError, RecursionError) as exc:
+        raise ScenarioError([f"{path}:0: YAML: {str(exc).splitlines()[0]}"]) from None
+    if data is None:
+        raise ScenarioError([f"{path}:1: empty scenario: it needs at least name and "
+                             f"writer"])
+    if not isinstance(data, CommentedMap):
+        raise ScenarioError([f"{path}:1: a scenario is a mapping of keys (name, writer, "
+                             f"...), got {type(data).__name__}"])
+    return data
+
+
+def _plain(node: Any) -> Any:
+    """ruamel's round-trip types as plain dicts and lists for pydantic."""
+    if isinstance(node, dict):
+        return {str(k): _plain(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_plain(v) for v in node]
+    return node
+
+
+def _line_of(data: Any, loc: tuple) -> int:
+    """The 1-based line of the deepest key in ``loc`` that the YAML has."""
+    line, node = 1, data
+    for part in loc:
+        if isinstance(node, CommentedMap) and part in node:
+            line = node.lc.key(part)[0] + 1
+            node = node[part]
+        elif isinstance(node, CommentedSeq) and isinstance(part, int) and part < len(node):
+            line = node.lc.item(part)[0] + 1
+            node = node[part]
+        else:
+            break
+    return line
+
+
+def _format_errors(path: Path, data: Any, errors: list[dict]) -> list[str]:
+    lines = []
+    for err in errors:
+        # A union reports each branch; the literal branch of ``expect`` is noise when
+        # the user clearly wrote the mapping form.
+        if err["type"] == "literal_error" and isinstance(err.get("input"), dict):
+            continue
+        line = _format_error(path, data, err)
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+def _format_error(path: Path, data: Any, err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p in
+                                              ("literal['pass']", "ExpectViolations")))
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling against the scenario reference)"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    elif err["type"] == "string_pattern_mismatch" and loc == ("name",):
+        msg = ("use only letters, digits, '.', '_' and '-', starting with a letter or "
+               "digit (it names the report folder)")
+    got = "" if err["type"] == "missing" or "got" in msg else \
+        f" (got {_short(err.get('input'))})"
+    return f"{path}:{_line_of(data, loc)}: {key}: {msg}{got}"
+
+
+def _short(value: Any) -> str:
+    text = repr(_plain(value))
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_ops_fit(path: Path, data: Any, scenario: Scenario) -> None:
+    size = scenario.workload.image.virtual_size
+    problems = []
+    for i, item in enumerate(scenario.workload.ops):
+        w = item.guest_write or item.log_write
+        if item.guest_write is not None and w.offset + w.length > size:
+            loc = ("workload", "ops", i)
+            problems.append(f"{path}:{_line_of(data, loc)}: workload.ops.{i}: write ends "
+                            f"at {w.offset + w.length}, past virtual_size {size}")
+    if problems:
+        raise ScenarioError(problems)
+
+
+def line_of(path: str | Path, loc: tuple) -> int:
+    """The line of a key in an already validated scenario file (for later checks)."""
+    try:
+        return _line_of(_read_yaml(Path(path)), loc)
+    except ScenarioError:
+        return 0
+
+
+def check_writer(path: str | Path, scenario: Scenario) -> None:
+    """The writer exists, knows the defects named, and accepts the workload's ops."""
+    from .writers import WriterNotFound, load_writer_class
+    try:
+        cls = load_writer_class(scenario.writer.kind)
+    except WriterNotFound as exc:
+        raise ScenarioError([f"{path}:{line_of(path, ('writer', 'kind'))}: writer.kind: "
+                             f"{exc}"]) from None
+    known = getattr(cls, "defects_available", {})
+    problems = []
+    for i, name in enumerate(scenario.writer.defects):
+        if name not in known:
+            listing = ", ".join(sorted(known)) or "none"
+            problems.append(f"{path}:{line_of(path, ('writer', 'defects', i))}: "
+                            f"writer.defects.{i}: unknown defect for writer "
+                            f"{scenario.writer.kind!r}; known: {listing} (got {name!r})")
+    kinds = getattr(cls, "op_kinds", frozenset())
+    for op in {op.kind for op in scenario.ops()} - set(kinds):
+        problems.append(f"{path}:{line_of(path, ('workload',))}: workload: writer "
+                        f"{scenario.writer.kind!r} does not accept {op} ops "
+                        f"(it accepts {', '.join(sorted(kinds))})")
+    if problems:
+        raise ScenarioError(problems)
