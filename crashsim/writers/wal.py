@@ -8,6 +8,9 @@ On-disk layout (all little-endian, 512-byte records)::
                          u32 crc32c (log_pos: where the record after the checkpoint goes)
     [log_offset, +log)   append-only records, each starting on a 512-byte boundary:
                          redo:   b"REDO", u32 crc, u64 lsn, u64 target, u32 length, payload
+                                 (the CRC covers the header only, as in jbd2 without
+                                 journal checksums: the flush before the commit record
+                                 is what makes the payload trustworthy)
                          commit: b"CMIT", u32 crc, u64 lsn (the lsn of the redo it commits)
     [data_offset, +size) the home locations: the "database" the log protects
 
@@ -60,7 +63,8 @@ class WalWriter:
                                    "record is flushed",
         "checkpoint-before-home-flush": "the checkpoint advances before the home writes "
                                         "are flushed",
-        "replay-skips-crc": "recovery redoes records without checking their CRC",
+        "home-before-commit": "the home location is written before the commit record "
+                              "is durable",
         "replay-ignores-commit": "recovery redoes every redo record, committed or not",
     }
 
@@ -140,12 +144,11 @@ class WalWriter:
             rec.decisions.append(f"log+{pos:#x}: lsn {lsn} length/target out of range")
             rec.branches.append("record-out-of-range")
             return None
-        payload = dev.read(self.log_offset + pos + _REDO.size, length)
-        if "replay-skips-crc" not in self.defects and \
-                crc != _crc(_REDO.pack(magic, 0, got_lsn, target, length) + payload):
-            rec.decisions.append(f"log+{pos:#x}: lsn {lsn} redo record CRC mismatch")
+        if crc != _crc(_REDO.pack(magic, 0, got_lsn, target, length)):
+            rec.decisions.append(f"log+{pos:#x}: lsn {lsn} redo header CRC mismatch")
             rec.branches.append("record-crc-mismatch")
             return None
+        payload = dev.read(self.log_offset + pos + _REDO.size, length)
         return target, payload, len(_pad(head + payload))
 
     def _committed(self, dev: BlockDevice, pos: int, lsn: int, rec: Recovery) -> bool:
@@ -196,12 +199,14 @@ class _Session:
         w, d = self.wal, self.wal.defects
         self.lsn += 1
         redo_head = _REDO.pack(REDO, 0, self.lsn, target, len(payload))
-        redo = _pad(_REDO.pack(REDO, _crc(redo_head + payload), self.lsn, target,
+        redo = _pad(_REDO.pack(REDO, _crc(redo_head), self.lsn, target,
                                len(payload)) + payload)
         if self.pos + len(redo) + SECTOR > w.log_bytes:
             yield from self._restart_log(dev)
         cmit = _pad(_CMIT.pack(CMIT, _crc(_CMIT.pack(CMIT, 0, self.lsn)), self.lsn))
         yield from dev.write(w.log_offset + self.pos, redo)
+        if "home-before-commit" in d:
+            yield from dev.write(w.data_offset + target, payload)
         if not d & {"commit-before-data-flush", "fua-commit-as-barrier"}:
             yield from dev.flush()
         fua = "fua-commit-as-barrier" in d
@@ -213,7 +218,8 @@ class _Session:
         if "ack-before-commit-flush" not in d:
             ack()
         self.pos += len(redo) + SECTOR
-        yield from dev.write(w.data_offset + target, payload)
+        if "home-before-commit" not in d:
+            yield from dev.write(w.data_offset + target, payload)
         if "checkpoint-before-home-flush" not in d:
             yield from dev.flush()
         yield from dev.write(0, w._superblock(self.lsn, self.pos))

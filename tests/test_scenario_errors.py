@@ -1,0 +1,116 @@
+"""Malformed scenarios: each fails with exit 2 and one line per problem naming file:line."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crashsim.scenario import ScenarioError, load_scenario
+
+GOOD = """\
+name: ok
+writer: {kind: wal}
+workload:
+  image: {virtual_size: 1MiB, log_size: 1MiB}
+  ops:
+    - log_write: {offset: 0, length: 4KiB, pattern: 0xab}
+explore: {max_states_per_step: 8}
+"""
+
+# (case id, file text, expected line, text the error must contain)
+BAD = [
+    ("yaml-syntax", "name: x\nwriter: {kind: wal\n", 3, "YAML"),
+    ("unknown-key", GOOD + "colour: red\n", 8, "colour: unknown key"),
+    ("nested-unknown-key", GOOD.replace("max_states_per_step: 8",
+                                        "max_states_per_stepp: 8"), 7,
+     "explore.max_states_per_stepp: unknown key"),
+    ("wrong-type", GOOD.replace("max_states_per_step: 8", "max_states_per_step: lots"),
+     7, "explore.max_states_per_step"),
+    ("negative-size", GOOD.replace("offset: 0", "offset: -4096"), 6, "negative"),
+    ("absurd-size", GOOD.replace("virtual_size: 1MiB", "virtual_size: 1PiB"), 4,
+     "virtual_size must be between"),
+    ("absurd-budget", GOOD.replace("max_states_per_step: 8",
+                                   "max_states_per_step: 1000000000000"), 7,
+     "max_states_per_step"),
+    ("atomic-not-power-of-two", GOOD + "device: {atomic_write_bytes: 1000}\n", 8,
+     "atomic_write_bytes must be 512 or 4096"),
+    ("unknown-writer", GOOD.replace("kind: wal", "kind: nosuch"), 2,
+     "unknown writer 'nosuch'"),
+    ("plugin-does-not-import", GOOD.replace("kind: wal", "kind: 'no_such_pkg.mod:W'"), 2,
+     "cannot import"),
+    ("unknown-defect", GOOD.replace("kind: wal}", "kind: wal, defects: [oops]}"), 2,
+     "unknown defect"),
+    ("duplicate-keys", GOOD + "name: again\n", 8, "duplicate key"),
+    ("empty-file", "", 1, "empty scenario"),
+    ("not-a-mapping", "- a\n- b\n", 1, "mapping"),
+    ("missing-writer", "name: x\n", 1, "writer: required key is missing"),
+    ("bad-size-string", GOOD.replace("length: 4KiB", "length: 4 parsecs"), 6,
+     "expected a size"),
+    ("bad-pattern", GOOD.replace("pattern: 0xab", "pattern: 0x1ff"), 6, "byte 0..255"),
+    ("bad-expect", GOOD + "expect: {violations: [explode]}\n", 8, "expect.violations.0"),
+    ("bad-name", GOOD.replace("name: ok", "name: ../../etc"), 1, "name: use only"),
+    ("op-past-end", GOOD.replace("writer: {kind: wal}", "writer: {kind: vhdx}")
+     .replace("log_write", "guest_write").replace("offset: 0", "offset: 1MiB"), 6,
+     "past virtual_size"),
+    ("bad-destage", GOOD + "device: {cache: {destage: lifo}}\n", 8, "device.cache.destage"),
+]
+
+
+def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "crashsim.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("case,text,line,needle", BAD, ids=[b[0] for b in BAD])
+def test_malformed_scenario_fails_with_exit_2_and_file_line(tmp_path, case, text, line,
+                                                            needle):
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(text)
+    out = tmp_path / "out"
+    proc = _run_cli("run", str(path), "--out", str(out), "--workers", "1", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    first = proc.stderr.splitlines()[0]
+    assert first.startswith(f"crashsim: error: {path}:{line}: "), proc.stderr
+    assert needle in proc.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_missing_file_fails_with_exit_2(tmp_path):
+    proc = _run_cli("run", str(tmp_path / "nope.yaml"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"{tmp_path / 'nope.yaml'}:0: file not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_every_problem_is_reported_not_just_the_first(tmp_path):
+    path = tmp_path / "many.yaml"
+    path.write_text("name: x\nwriter: {kind: wal}\ndevice:\n  atomic_write_bytes: 3\n"
+                    "  cache: {mode: wb}\nexplore: {seed: one}\n")
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(path)
+    lines = err.value.lines
+    assert [ln.split(":")[1] for ln in lines] == ["4", "5", "6"]
+
+
+def test_size_strings_are_accepted(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(GOOD.replace("length: 4KiB", "length: 1 MiB")
+                    .replace("virtual_size: 1MiB", "virtual_size: 2MiB"))
+    sc = load_scenario(path)
+    assert sc.ops()[0].length == 1 << 20
+    assert sc.workload.image.virtual_size == 2 << 20
+
+
+def test_yaml_alias_bomb_is_refused(tmp_path):
+    lines = ["name: bomb", "writer: {kind: wal}", "a: &a [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 12):
+        prev = "a" if i == 1 else f"b{i - 1}"
+        lines.append(f"b{i}: &b{i} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(path)
+    assert "aliases" in str(err.value)
