@@ -1,0 +1,71 @@
+"""A pytest plugin: ``pytest scenarios/`` runs each scenario file as a test.
+
+Registered through the ``pytest11`` entry point, so a project that installs crashsim can
+put its scenario YAML in a ``scenarios/`` folder and gate CI on it with no new tooling.
+A failure names the first violation's state ID and the command that replays it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("crashsim")
+    group.addoption("--crashsim-workers", type=int, default=1,
+                    help="worker processes per crashsim scenario (default 1)")
+
+
+def pytest_collect_file(file_path: Path, parent: pytest.Collector):
+    if file_path.suffix in (".yaml", ".yml") and file_path.parent.name == "scenarios":
+        return ScenarioFile.from_parent(parent, path=file_path)
+    return None
+
+
+class ScenarioFailed(Exception):
+    pass
+
+
+class ScenarioFile(pytest.File):
+    def collect(self):
+        yield ScenarioItem.from_parent(self, name=self.path.stem)
+
+
+class ScenarioItem(pytest.Item):
+    def runtest(self) -> None:
+        from .runner import run_one
+        from .scenario import check_writer, load_scenario
+        sc = load_scenario(self.path)
+        check_writer(self.path, sc)
+        workers = self.config.getoption("--crashsim-workers")
+        results = run_one(sc, str(self.path), workers=workers)
+        if results["verdict"] != "pass":
+            raise ScenarioFailed(failure_message(results))
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, ScenarioFailed):
+            return str(excinfo.value)
+        from .scenario import ScenarioError
+        if isinstance(excinfo.value, ScenarioError):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, 0, f"crashsim scenario {self.name}"
+
+
+def failure_message(results: dict) -> str:
+    sc = results["scenario"]
+    found = ", ".join(f"{c}={n}" for c, n in results["violation_counts"].items() if n)
+    expect = sc["expect"] if sc["expect"] == "pass" else \
+        "violations " + ", ".join(sc["expect"]["violations"])
+    lines = [f"scenario {sc['name']}: expected {expect}; found {found or 'no violations'}"]
+    if not results["complete"]:
+        lines.append("the run is incomplete")
+    if results["violations"]:
+        v = results["violations"][0]
+        lines.append(f"first violation: {v['class']} at state {v['state_id']} "
+                     f"(minimal {v['minimal_state_id']}): {v['detail']}")
+        lines.append(f"reproduce: {v['replay_command']}")
+    return "\n".join(lines)
