@@ -63,6 +63,9 @@ class Trace:
     # (at_step, size_bytes): image size changes; a resize is durable when made
     resizes: list[tuple[int, int]] = field(default_factory=list)
     failed: str | None = None  # the workload's own error, if it stopped early
+    # (at_step, text): user-defined marks from a recorded log (dm-log-writes MARK entries);
+    # informational only, they play no part in the oracle's transaction counts
+    marks: list[tuple[int, str]] = field(default_factory=list)
 
     # -- recording -------------------------------------------------------------------
     def add_step(self, kind: StepKind, io_id: int, time_us: float = 0.0) -> None:
