@@ -46,6 +46,7 @@ class StepResult:
     legal: int
     legal_log10: float
     explored: int = 0
+    recovery_explored: int = 0  # states cut during recovery's own I/O (not in legal)
     skipped: int = 0
     keys: list[str] = field(default_factory=list)
     outcomes: Counter = field(default_factory=Counter)
@@ -66,6 +67,10 @@ class Context:
 
 
 def make_writer(scenario: Scenario):
+    if scenario.is_trace:  # a recorded trace: real tools or crashsim's own recovery
+        from .writers.recorded import RecordedWriter
+        return RecordedWriter(ops=scenario.ops(), seed=scenario.explore.seed,
+                              scenario=scenario)
     cls = load_writer_class(scenario.writer.kind)
     w = scenario.workload
     image = {"virtual_size": w.image.virtual_size, "block_size": w.image.block_size,
@@ -87,7 +92,21 @@ def device_config(scenario: Scenario) -> DeviceConfig:
 def build_context(scenario: Scenario, trace: Trace | None = None) -> Context:
     writer = make_writer(scenario)
     model = RangeModel(scenario.ops())
-    if trace is None:
+    if trace is None and scenario.is_trace:
+        # A bad log, a failed recording or a missing tool is an input error (exit 2,
+        # one line), never an internal one.
+        from .cli import InputError
+        from .dmlog import DmLogError
+        from .external import CommandFailed, ToolMissing
+        from .writers.recorded import TraceError
+        try:
+            trace = writer.load_trace()
+        except (DmLogError, ToolMissing, CommandFailed, TraceError) as exc:
+            raise InputError(f"{scenario.name}: {exc}") from None
+        except OSError as exc:
+            raise InputError(f"{scenario.name}: {exc.filename or ''}: "
+                             f"{exc.strerror}") from None
+    elif trace is None:
         trace = simulate(writer, device_config(scenario))
     return Context(scenario, writer, model, trace, Judge(writer, model))
 
@@ -128,9 +147,13 @@ def _key(cs) -> str:
     return getattr(cs, "content_key", None) or cs.image.content_key()
 
 
-def _count(res: StepResult, cs, verdict: Verdict, key: str) -> None:
-    res.explored += 1
-    res.keys.append(key)
+def _count(res: StepResult, cs, verdict: Verdict, key: str,
+           during_recovery: bool = False) -> None:
+    if during_recovery:
+        res.recovery_explored += 1
+    else:
+        res.explored += 1
+        res.keys.append(key)
     res.outcomes[verdict.outcome] += 1
     res.heat[(len(cs.torn), len(cs.survivors), verdict.outcome)] += 1
     for branch in verdict.examined.recovery.branches:
@@ -155,7 +178,7 @@ def _recovery_crash(ctx: Context, res: StepResult, cs, acked: int, started: int)
             rcs.tier = "recovery-" + rcs.tier
             key = _key(rcs)
             verdict = ctx.judge.judge(rcs.image, acked, started, key=key)
-            _count(res, rcs, verdict, key)
+            _count(res, rcs, verdict, key, during_recovery=True)
 
 
 # -- rebuilding any state from its ID -------------------------------------------------

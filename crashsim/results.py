@@ -81,6 +81,7 @@ def _totals(steps: list[StepResult]) -> dict[str, Any]:
     return {"steps": max(0, len(steps) - 1), "crash_points": len(steps),
             "legal_states": legal, "legal_states_log10": log10,
             "explored": sum(s.explored for s in steps), "distinct": len(seen),
+            "recovery_explored": sum(s.recovery_explored for s in steps),
             "outcomes": {c: outcomes.get(c, 0) for c in OUTCOME_CLASSES}}
 
 
@@ -95,6 +96,7 @@ def _step_block(ctx: Context, s: StepResult) -> dict[str, Any]:
             "pending": s.pending, "durable": s.durable, "acked": s.acked,
             "started": s.started, "legal_states": legal, "legal_states_log10": log10,
             "explored": s.explored, "distinct": len(set(s.keys)),
+            "recovery_explored": s.recovery_explored,
             "outcomes": {c: s.outcomes[c] for c in OUTCOME_CLASSES if s.outcomes[c]}}
 
 

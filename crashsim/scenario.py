@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
-                      field_validator, model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
+                      ValidationError, field_validator, model_validator)
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
@@ -166,6 +166,85 @@ class ExpectViolations(_Strict):
         Field(min_length=1)
 
 
+# -- trace scenarios: a recorded I/O log of a real program instead of a writer ----------
+
+RECORDED_WRITER = "crashsim.writers.recorded:RecordedWriter"
+TRACE_ONLY_KEYS = ("recovery", "view", "probe", "model")
+
+
+def _arg(v: Any) -> str:
+    # YAML reads 64 or 1.5 as numbers; a command line only has strings
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        raise ValueError(f"command arguments must be strings, got {v!r}")
+    return str(v)
+
+
+Arg = Annotated[str, BeforeValidator(_arg)]
+Argv = Annotated[list[Arg], Field(min_length=1, max_length=1000)]
+
+
+class TraceSection(_Strict):
+    """Where the I/O comes from: a log file, or a command recorded at run time."""
+
+    log: str | None = None
+    record: Argv | None = None
+    create: Argv | None = None
+    format: Literal["blklogwrites", "dm-log-writes"] = "blklogwrites"
+    base_image: str | None = None
+    final_size: Size | None = None
+    image_format: Literal["vhdx", "raw"] = "vhdx"
+    timeout_s: float = Field(120.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TraceSection":
+        if (self.log is None) == (self.record is None):
+            raise ValueError("give exactly one of log (a recorded file) or record (a "
+                             "command that records one at run time)")
+        if self.log is not None:
+            if self.create is not None:
+                raise ValueError("create makes the image a record command writes; "
+                                 "with log, give base_image instead")
+            if self.base_image is None and self.final_size is None:
+                raise ValueError("with log, give base_image (the image before the "
+                                 "recording) or final_size (a blank image of that size)")
+        else:
+            if (self.base_image is None) == (self.create is None):
+                raise ValueError("with record, give exactly one of base_image (copied "
+                                 "fresh for the recording) or create (a command that "
+                                 "makes {image})")
+            if not any("{log}" in a for a in self.record):
+                raise ValueError("record must name the log file as {log} (and the image "
+                                 "as {image})")
+            if self.create is not None and not any("{image}" in a for a in self.create):
+                raise ValueError("create must name the image it makes as {image}")
+        if self.final_size is not None and not 512 <= self.final_size <= MAX_IMAGE_BYTES:
+            raise ValueError("final_size must be between 512 bytes and 1TiB")
+        return self
+
+
+class RecoverySection(_Strict):
+    """How a crashed image is repaired: an external command or a built-in replay."""
+
+    command: Argv | None = None
+    builtin: Literal["vhdx", "none"] | None = None
+    timeout_s: float = Field(60.0, gt=0, le=3600)
+    # exit codes that mean "recovered"; default 0, plus 3 (leaks only) for qemu-img check
+    ok_exit_codes: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "RecoverySection":
+        if (self.command is None) == (self.builtin is None):
+            raise ValueError("give exactly one of command (argv with {image}) or "
+                             "builtin (vhdx or none)")
+        if self.builtin is not None and self.ok_exit_codes is not None:
+            raise ValueError("ok_exit_codes applies to an external command only")
+        return self
+
+
+class ModelSection(_Strict):
+    ops: list[OpItem] = Field(min_length=1, max_length=MAX_OPS)
+
+
 class Scenario(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
     description: str = Field("", max_length=1000)
@@ -174,14 +253,28 @@ class Scenario(_Strict):
     workload: WorkloadSection = WorkloadSection()
     explore: ExploreSection = ExploreSection()
     expect: Union[Literal["pass"], ExpectViolations] = "pass"
+    # trace scenarios only (load_scenario fills ``writer`` in for them)
+    trace: TraceSection | None = None
+    recovery: RecoverySection | None = None
+    view: Literal["builtin", "qemu-img"] = "builtin"
+    probe: Literal["qemu-io", "builtin", "none"] = "builtin"
+    model: ModelSection | None = None
+    _base_dir: Path | None = PrivateAttr(default=None)
+
+    @property
+    def is_trace(self) -> bool:
+        return self.trace is not None
+
+    def resolve_path(self, path: str) -> Path:
+        """A path from the file, relative to the scenario file's folder."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() or self._base_dir is None else self._base_dir / p
 
     def ops(self) -> list[Op]:
         """The workload's transactions: listed ops, then the seeded random ones."""
-        ops: list[Op] = []
-        for item in self.workload.ops:
-            kind = "guest_write" if item.guest_write is not None else "log_write"
-            w = item.guest_write or item.log_write
-            ops.append(Op(kind, w.offset, w.length, w.pattern))
+        if self.model is not None:  # a trace scenario: the model says what was done
+            return _listed_ops(self.model.ops)
+        ops = _listed_ops(self.workload.ops)
         r = self.workload.random
         if r.count:
             ops += random_ops(r.kind, r.count, r.seed, self.workload.image.virtual_size,
@@ -189,12 +282,37 @@ class Scenario(_Strict):
         return ops
 
     def digest(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        h = hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True)
+                           .encode())
+        for name in self._input_files():  # a changed trace is a changed scenario
+            _hash_file(h, self.resolve_path(name))
+        return h.hexdigest()[:16]
+
+    def _input_files(self) -> list[str]:
+        t = self.trace
+        return [] if t is None else [n for n in (t.log, t.base_image) if n is not None]
 
     @property
     def expected_violations(self) -> list[str]:
         return [] if self.expect == "pass" else list(self.expect.violations)
+
+
+def _listed_ops(items: list[OpItem]) -> list[Op]:
+    ops: list[Op] = []
+    for item in items:
+        kind = "guest_write" if item.guest_write is not None else "log_write"
+        w = item.guest_write or item.log_write
+        ops.append(Op(kind, w.offset, w.length, w.pattern))
+    return ops
+
+
+def _hash_file(h, path: Path) -> None:
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError:
+        h.update(b"missing")
 
 
 # -- loading --------------------------------------------------------------------------
@@ -203,11 +321,18 @@ def load_scenario(path: str | Path) -> Scenario:
     """Parse and validate one scenario file; raise ScenarioError with every problem."""
     path = Path(path)
     data = _read_yaml(path)
+    plain = _plain(data)
+    if _check_trace_shape(path, data):
+        plain["writer"] = {"kind": RECORDED_WRITER}
     try:
-        scenario = Scenario.model_validate(_plain(data))
+        scenario = Scenario.model_validate(plain)
     except ValidationError as exc:
         raise ScenarioError(_format_errors(path, data, exc.errors())) from None
-    _check_ops_fit(path, data, scenario)
+    scenario._base_dir = path.resolve().parent
+    if scenario.is_trace:
+        _check_trace(path, data, scenario)
+    else:
+        _check_ops_fit(path, data, scenario)
     return scenario
 
 
@@ -304,6 +429,50 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _check_trace_shape(path: Path, data: CommentedMap) -> bool:
+    """Whether this is a trace scenario; one line per key that is wrong for its kind."""
+    problems = []
+    if "trace" in data:
+        for key in ("writer", "workload"):
+            if key in data:
+                problems.append(f"{path}:{_line_of(data, (key,))}: {key}: a trace "
+                                f"scenario replays the recorded I/O, so it has no {key} "
+                                f"(remove {key}, or remove trace)")
+        for key in ("model", "recovery"):
+            if key not in data:
+                problems.append(f"{path}:{_line_of(data, ('trace',))}: {key}: required "
+                                f"key is missing (a trace scenario needs trace, model and "
+                                f"recovery)")
+    else:
+        for key in TRACE_ONLY_KEYS:
+            if key in data:
+                problems.append(f"{path}:{_line_of(data, (key,))}: {key}: only a trace "
+                                f"scenario takes {key}; add trace (a recorded I/O log) or "
+                                f"remove {key}")
+    if problems:
+        raise ScenarioError(problems)
+    return "trace" in data
+
+
+def _check_trace(path: Path, data: Any, scenario: Scenario) -> None:
+    problems = []
+    t = scenario.trace
+    for key in ("log", "base_image"):
+        name = getattr(t, key)
+        if name is not None and not scenario.resolve_path(name).is_file():
+            problems.append(f"{path}:{_line_of(data, ('trace', key))}: trace.{key}: file "
+                            f"not found: {scenario.resolve_path(name)} (paths are "
+                            f"relative to the scenario file's folder)")
+    if scenario.recovery.command is not None and scenario.explore.recovery_crash:
+        problems.append(f"{path}:{_line_of(data, ('explore', 'recovery_crash'))}: "
+                        f"explore.recovery_crash: an external recovery command's writes "
+                        f"are seen only as a whole once it exits, so there is no step "
+                        f"inside it to cut power at; set it false, or use recovery: "
+                        f"{{builtin: vhdx}}")
+    if problems:
+        raise ScenarioError(problems)
+
+
 def _check_ops_fit(path: Path, data: Any, scenario: Scenario) -> None:
     size = scenario.workload.image.virtual_size
     problems = []
@@ -328,6 +497,9 @@ def line_of(path: str | Path, loc: tuple) -> int:
 def check_writer(path: str | Path, scenario: Scenario) -> None:
     """The writer exists, knows the defects named, and accepts the workload's ops."""
     from .writers import WriterNotFound, load_writer_class
+    if scenario.is_trace:
+        _check_model_ops(path, scenario)
+        return
     try:
         cls = load_writer_class(scenario.writer.kind)
     except WriterNotFound as exc:
@@ -346,5 +518,17 @@ def check_writer(path: str | Path, scenario: Scenario) -> None:
         problems.append(f"{path}:{line_of(path, ('workload',))}: workload: writer "
                         f"{scenario.writer.kind!r} does not accept {op} ops "
                         f"(it accepts {', '.join(sorted(kinds))})")
+    if problems:
+        raise ScenarioError(problems)
+
+
+def _check_model_ops(path: str | Path, scenario: Scenario) -> None:
+    """A trace's model describes guest writes the recorded program made."""
+    from .writers.recorded import RecordedWriter
+    problems = []
+    for i, op in enumerate(scenario.ops()):
+        if op.kind not in RecordedWriter.op_kinds:
+            problems.append(f"{path}:{line_of(path, ('model', 'ops', i))}: model.ops.{i}: "
+                            f"a recorded trace is judged by guest_write ops (got {op.kind})")
     if problems:
         raise ScenarioError(problems)

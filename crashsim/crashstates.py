@@ -1,0 +1,924 @@
+"""Crash states of a trace: what the disk may hold after a power cut at step p.
+
+This module owns the crash semantics of design.md §2 (contract), the enumeration of
+states simplest first, the state IDs that name them, and shrinking. It reads any Trace:
+one the SimPy device recorded, or the serial trace of a recovery run on ImageDevice
+(whose base may itself be a crash state).
+
+Rules at crash point p (after the first p steps)
+------------------------------------------------
+* A write is *durable* when it completed before a flush was submitted and that flush
+  completed within the first p steps; or it is FUA and completed within them; or the
+  device is write-through and it completed within them. With ``trace.lying_flush``,
+  flushes make nothing durable. Once durable, always durable.
+* Every other write submitted within the first p steps is *pending*.
+* Durable content, per 512-byte sector: the durable writes applied over the base in
+  completion order.
+* Each atomic unit holds its durable content, or the content of any one pending write
+  that covers it, except a pending write that completed before the write supplying the
+  durable content of its sectors there was submitted: the device cannot put older data
+  over newer flushed data, so that candidate is *not legal* for the unit. A pending
+  write's part of a unit is its own bytes; the unit's other sectors keep durable content.
+  Units are independent and pending writes are unordered among themselves.
+
+Units are the atomic-unit-aligned pieces of the address space a write covers; a write's
+unit ``i`` is the ``i``-th such piece (device unit ``offset // atomic + i``).
+
+State IDs (contract)
+--------------------
+``p<step>:none`` is the durable content alone. Otherwise ``p<step>:`` is followed by
+picks joined by ``+``, sorted by io id, no two sharing a device unit:
+``w<io>`` the whole write, ``w<io>[0-3,5]`` only those units, ``w<io>[0-3]!g4`` units
+0-3 plus unit 4 as garbage. ``w<io>!g4`` is every unit but 4, with 4 as garbage. An ID
+is fully explicit: with the trace it rebuilds its state without any seed. Garbage bytes
+are derived from (p, io, unit) alone for that reason.
+
+Performance: ``iter_steps`` keeps one durable overlay and changes it in place until a
+snapshot shares it, then stacks a fresh layer (merging layers of similar size, so the
+chain stays logarithmic). Pending writes are copied on write per snapshot. A state's
+image is a thin layer over the shared durable overlay, and its content key is an
+additive hash updated by the sectors that layer changes.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from .image import SECTOR_BYTES, SparseImage
+from .trace import Trace, Write
+
+TIERS = ("device", "subset", "torn", "random")
+_ZERO = bytes(SECTOR_BYTES)
+_MASK = (1 << 128) - 1
+_INF = float("inf")
+
+
+class TraceError(ValueError):
+    """The trace is inconsistent (a completion without a submit, an unknown io)."""
+
+
+# -- content hashing -----------------------------------------------------------------
+
+def sector_hash(index: int, data: bytes) -> int:
+    """Hash of one sector at one index; an all-zero sector counts as absent (0)."""
+    if data == _ZERO:
+        return 0
+    digest = hashlib.blake2b(data, digest_size=16, salt=index.to_bytes(16, "little"))
+    return int.from_bytes(digest.digest(), "little")
+
+
+def image_hash(image: SparseImage) -> int:
+    """The additive content hash of a whole image (sum of its sector hashes)."""
+    total = 0
+    for idx, data in image.changed_sectors().items():
+        total += sector_hash(idx, data)
+    return total & _MASK
+
+
+def key_of(size_bytes: int, content_hash: int) -> str:
+    return f"ck{size_bytes:x}-{content_hash & _MASK:032x}"
+
+
+def garbage_bytes(p: int, io_id: int, unit: int, length: int) -> bytes:
+    """The deterministic random content of a garbage unit (no seed: IDs must replay)."""
+    return hashlib.shake_256(f"crashsim-garbage:{p}:{io_id}:{unit}".encode()).digest(length)
+
+
+# -- pending writes ------------------------------------------------------------------
+
+class PendingWrite:
+    """A write that is pending at a step: its units, their legality, what is on media."""
+
+    __slots__ = ("write", "first_unit", "n_units", "unit_bytes", "submit_step",
+                 "complete_step", "illegal", "on_media", "epoch", "_sectors")
+
+    def __init__(self, write: Write, unit_bytes: int, submit_step: int, epoch: int):
+        self.write = write
+        self.unit_bytes = unit_bytes
+        self.first_unit = write.offset // unit_bytes
+        last = (write.end - 1) // unit_bytes if write.data else self.first_unit - 1
+        self.n_units = last - self.first_unit + 1
+        self.submit_step = submit_step
+        self.complete_step: int | None = None
+        self.illegal: frozenset[int] = frozenset()  # unit indices superseded by durable data
+        self.on_media: set[int] = set()  # unit indices whose newest media version is ours
+        self.epoch = epoch
+        # unit -> [(sector, bytes, hash)] of whole-sector pieces; shared by copies
+        self._sectors: dict[int, list[tuple[int, bytes, int]] | None] = {}
+
+    def copy(self, epoch: int) -> "PendingWrite":
+        new = PendingWrite.__new__(PendingWrite)
+        for name in PendingWrite.__slots__:
+            setattr(new, name, getattr(self, name))
+        new.on_media = set(self.on_media)
+        new.epoch = epoch
+        return new
+
+    @property
+    def io_id(self) -> int:
+        return self.write.io_id
+
+    @property
+    def units(self) -> range:
+        """Device units this write covers."""
+        return range(self.first_unit, self.first_unit + self.n_units)
+
+    def legal(self, rel: int) -> bool:
+        return 0 <= rel < self.n_units and rel not in self.illegal
+
+    @property
+    def legal_units(self) -> list[int]:
+        return [r for r in range(self.n_units) if r not in self.illegal]
+
+    def piece(self, rel: int) -> tuple[int, bytes]:
+        """(offset, bytes) of this write inside its unit ``rel``."""
+        w, ub = self.write, self.unit_bytes
+        unit = self.first_unit + rel
+        start, stop = max(w.offset, unit * ub), min(w.end, (unit + 1) * ub)
+        return start, w.data[start - w.offset:stop - w.offset]
+
+    def unit_sectors(self, rel: int) -> list[tuple[int, bytes, int]] | None:
+        """The whole sectors of unit ``rel`` with their hashes; None if a piece is partial."""
+        if rel not in self._sectors:
+            off, data = self.piece(rel)
+            if off % SECTOR_BYTES or len(data) % SECTOR_BYTES:
+                self._sectors[rel] = None
+            else:
+                first = off // SECTOR_BYTES
+                self._sectors[rel] = [
+                    (first + i, chunk, sector_hash(first + i, chunk))
+                    for i, chunk in enumerate(data[k:k + SECTOR_BYTES]
+                                              for k in range(0, len(data), SECTOR_BYTES))]
+        return self._sectors[rel]
+
+    def order_key(self) -> tuple[float, int, int]:
+        """Later completing (then later submitted) wins when two picks meet."""
+        done = _INF if self.complete_step is None else self.complete_step
+        return done, self.submit_step, self.io_id
+
+    def __repr__(self) -> str:
+        return (f"PendingWrite(io={self.io_id}, units={self.n_units}, "
+                f"illegal={sorted(self.illegal)}, on_media={sorted(self.on_media)})")
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One write's part of a state: clean units and garbage units (indices in the write)."""
+
+    io_id: int
+    n_units: int
+    clean: frozenset[int]
+    garbage: frozenset[int] = frozenset()
+
+    @property
+    def applied(self) -> frozenset[int]:
+        return self.clean | self.garbage
+
+
+@dataclass
+class CrashState:
+    """One state of the disk after a crash at step ``p``, named by ``state_id``.
+
+    ``image`` is a thin layer over the step's shared durable overlay; ``content_key`` is
+    equal for equal content (across steps too), so it can key caches of verdicts.
+    """
+
+    state_id: str
+    tier: str
+    p: int
+    image: SparseImage
+    survivors: list[int]
+    torn: list[tuple[int, int]]  # (io, unit) not applied cleanly, of partly applied writes
+    garbage_units: list[tuple[int, int]]
+    content_key: str
+    picks: tuple[Pick, ...] = ()
+    step: "StepStates | None" = field(default=None, repr=False, compare=False)
+
+
+class _PrefixView(Sequence):
+    """The first n items of an append-only list, without copying it."""
+
+    def __init__(self, items: list[int], n: int):
+        self._items, self._n = items, n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return self._items[:self._n][i]
+        return self._items[range(self._n)[i]]
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(self._items, self._n)
+
+    def __contains__(self, x: object) -> bool:
+        return x in set(itertools.islice(self._items, self._n))
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
+# -- the states of one step ----------------------------------------------------------
+
+class StepStates:
+    """What a crash at step ``p`` may leave: durable content plus pending choices."""
+
+    def __init__(self, trace: Trace, p: int, durable: SparseImage, durable_hash: int,
+                 durable_ids: Sequence[int], pending: dict[int, PendingWrite],
+                 unit_hist: dict[int, int]):
+        self.trace, self.p = trace, p
+        self.durable, self.durable_hash = durable, durable_hash
+        self.durable_ids = durable_ids
+        self.by_io = pending
+        self._unit_hist = unit_hist  # legal candidates per unit -> number of such units
+        self._candidates: dict[int, list[int]] | None = None
+        self._durable_hashes: dict[int, int] = {}
+
+    def durable_sector_hash(self, x: int) -> int:
+        h = self._durable_hashes.get(x)
+        if h is None:
+            h = self._durable_hashes[x] = sector_hash(x, self.durable.sector(x))
+        return h
+
+    @property
+    def pending(self) -> list[PendingWrite]:
+        return [self.by_io[io] for io in sorted(self.by_io)]
+
+    @property
+    def unit_bytes(self) -> int:
+        return self.trace.atomic_write_bytes
+
+    @property
+    def legal_count(self) -> int:
+        """Exact number of legal states (unit choices, not distinct contents)."""
+        return math.prod((1 + n) ** units for n, units in self._unit_hist.items())
+
+    @property
+    def legal_log10(self) -> float:
+        return sum(units * math.log10(1 + n) for n, units in self._unit_hist.items())
+
+    @property
+    def unit_candidates(self) -> dict[int, list[int]]:
+        """Device unit -> legal pending ios for it, in winning order (last wins)."""
+        if self._candidates is None:
+            cands: dict[int, list[int]] = {}
+            for pw in sorted(self.by_io.values(), key=PendingWrite.order_key):
+                for rel in pw.legal_units:
+                    cands.setdefault(pw.first_unit + rel, []).append(pw.io_id)
+            self._candidates = cands
+        return self._candidates
+
+    @property
+    def device_picks(self) -> list[Pick]:
+        """The device's own media at p, in pick form (units destaged by then)."""
+        picks = []
+        for pw in self.pending:
+            clean = frozenset(r for r in pw.on_media if pw.legal(r))
+            if clean:
+                picks.append(Pick(pw.io_id, pw.n_units, clean))
+        return picks
+
+    def __repr__(self) -> str:
+        return (f"StepStates(p={self.p}, durable={len(self.durable_ids)}, "
+                f"pending={sorted(self.by_io)}, legal={self.legal_count})")
+
+
+class _Builder:
+    """Walks a trace step by step, keeping the step's state up to date incrementally."""
+
+    def __init__(self, trace: Trace):
+        self.trace = trace
+        self.ub = trace.atomic_write_bytes
+        self.epoch = 0
+        self.layers = [trace.base.fork()]  # durable overlays over the base, bottom first
+        self.shared = False
+        self.hash = image_hash(trace.base)
+        self.submit: dict[int, int] = {}
+        self.complete: dict[int, int] = {}
+        self.pending: dict[int, PendingWrite] = {}
+        self.unflushed: dict[int, None] = {}  # completed, not durable, in completion order
+        self.flush_cover: dict[int, list[int]] = {}
+        self.durable_list: list[int] = []
+        self.sector_hist: dict[int, list[tuple[int, int]]] = {}  # (complete, io) in order
+        self.floor: dict[int, bytes] = {}  # sector before its first (partial) durable write
+        self.unit_cands: dict[int, list[int]] = {}
+        self.unit_legal: dict[int, int] = {}
+        self.hist: Counter[int] = Counter()
+        self.last_destage: dict[int, int] = {}
+        self.resize_i = 0
+        self.destage_i = 0
+
+    # -- snapshots --------------------------------------------------------------------
+    def snapshot(self, p: int) -> StepStates:
+        self.epoch += 1
+        self.shared = True
+        return StepStates(self.trace, p, self.layers[-1], self.hash,
+                          _PrefixView(self.durable_list, len(self.durable_list)),
+                          dict(self.pending), dict(self.hist))
+
+    def _own(self, io: int) -> PendingWrite:
+        pw = self.pending[io]
+        if pw.epoch != self.epoch:
+            pw = self.pending[io] = pw.copy(self.epoch)
+        return pw
+
+    def _writable(self) -> SparseImage:
+        if self.shared:
+            self._compact()
+            self.layers.append(self.layers[-1].fork())
+            self.shared = False
+        return self.layers[-1]
+
+    def _compact(self) -> None:
+        # Merge the top layers while they are of similar size: depth stays logarithmic
+        # and each sector is copied O(log n) times. Old layers stay intact for old states.
+        while len(self.layers) >= 2 and \
+                2 * len(self.layers[-1].sectors) >= len(self.layers[-2].sectors):
+            top, second = self.layers.pop(), self.layers.pop()
+            merged = SparseImage(parent=second.parent)
+            merged.sectors = {**second.sectors, **top.sectors}
+            merged.size_bytes = top.size_bytes
+            self.layers.append(merged)
+
+    # -- steps ------------------------------------------------------------------------
+    def apply_step(self, i: int) -> None:
+        step = self.trace.steps[i]
+        io = step.io_id
+        if step.kind == "write_submit":
+            self._submit(io, i)
+        elif step.kind == "write_complete":
+            self._complete(io, i)
+        elif step.kind == "flush_submit":
+            self.flush_cover[io] = [] if self.trace.lying_flush else list(self.unflushed)
+        elif step.kind == "flush_complete":
+            if io not in self.flush_cover:
+                raise TraceError(f"trace step {i}: flush {io} completes but was never "
+                                 f"submitted")
+            covered = [x for x in self.flush_cover.pop(io) if x in self.pending]
+            self._make_durable(covered)
+        else:
+            raise TraceError(f"trace step {i}: unknown step kind {step.kind!r}")
+
+    def apply_side_events(self, p: int) -> None:
+        """Resizes and destages recorded between step p and step p+1."""
+        resizes, destages = self.trace.resizes, self.trace.destages
+        while self.resize_i < len(resizes) and resizes[self.resize_i][0] <= p:
+            self._resize(resizes[self.resize_i][1])
+            self.resize_i += 1
+        while self.destage_i < len(destages) and destages[self.destage_i][0] <= p:
+            _, io, rel = destages[self.destage_i]
+            self._destaged(io, rel)
+            self.destage_i += 1
+
+    def _submit(self, io: int, i: int) -> None:
+        w = self.trace.writes.get(io)
+        if w is None:
+            raise TraceError(f"trace step {i}: write {io} is submitted but has no "
+                             f"entry in trace.writes")
+        if io in self.submit:
+            raise TraceError(f"trace step {i}: write {io} is submitted twice")
+        self.submit[io] = i
+        pw = self.pending[io] = PendingWrite(w, self.ub, i, self.epoch)
+        for unit in pw.units:
+            self.unit_cands.setdefault(unit, []).append(io)
+            self._set_legal_count(unit, self.unit_legal.get(unit, 0) + 1)
+
+    def _complete(self, io: int, i: int) -> None:
+        if io not in self.pending or io in self.complete:
+            raise TraceError(f"trace step {i}: write {io} completes but is not in flight")
+        self.complete[io] = i
+        self._own(io).complete_step = i
+        if self.trace.writes[io].fua or self.trace.writethrough:
+            self._make_durable([io])
+        else:
+            self.unflushed[io] = None
+
+    def _set_legal_count(self, unit: int, n: int | None) -> None:
+        old = self.unit_legal.get(unit)
+        if old is not None:
+            self.hist[old] -= 1
+            if not self.hist[old]:
+                del self.hist[old]
+        if n is None:
+            self.unit_legal.pop(unit, None)
+        else:
+            self.unit_legal[unit] = n
+            self.hist[n] += 1
+
+    # -- durability -------------------------------------------------------------------
+    def _make_durable(self, ios: list[int]) -> None:
+        for io in sorted(ios, key=lambda x: self.complete[x]):
+            pw = self.pending.pop(io)
+            self.unflushed.pop(io, None)
+            for unit in pw.units:
+                cands = self.unit_cands[unit]
+                cands.remove(io)
+                n = self.unit_legal[unit] - (0 if unit - pw.first_unit in pw.illegal else 1)
+                self._set_legal_count(unit, n if cands else None)
+            self.durable_list.append(io)
+            self._apply_durable(pw.write)
+            for unit in pw.units:
+                for other in self.unit_cands.get(unit, ()):
+                    self._recheck(other, unit)
+
+    def _apply_durable(self, w: Write) -> None:
+        c = self.complete[w.io_id]
+        for x in range(w.offset // SECTOR_BYTES, (w.end - 1) // SECTOR_BYTES + 1):
+            full = w.offset <= x * SECTOR_BYTES and w.end >= (x + 1) * SECTOR_BYTES
+            hist = self.sector_hist.get(x)
+            current = self.layers[-1].sector(x)
+            if hist is None or c > hist[-1][0]:
+                if hist is None or full:
+                    if not full:
+                        self.floor[x] = current
+                    else:
+                        self.floor.pop(x, None)
+                    self.sector_hist[x] = [(c, w.io_id)]
+                else:
+                    hist.append((c, w.io_id))
+                self._set_sector(x, _overlay(w, x, current))
+                continue
+            # Made durable out of completion order (a FUA write overtook it): slot it in.
+            pos = sum(1 for cc, _ in hist if cc < c)
+            if any(_full(self.trace.writes[io], x) for _, io in hist[pos:]):
+                continue  # a later full write hides it entirely
+            hist.insert(pos, (c, w.io_id))
+            value = self.floor.get(x, _ZERO)
+            for _, io in hist:
+                value = _overlay(self.trace.writes[io], x, value)
+            self._set_sector(x, value)
+        top = self.layers[-1]
+        if w.end > top.size_bytes:
+            self._writable().size_bytes = w.end
+
+    def _set_sector(self, x: int, data: bytes) -> None:
+        old = self.layers[-1].sector(x)
+        if old == data:
+            return
+        self._writable().put_sector(x, data)
+        self.hash = (self.hash - sector_hash(x, old) + sector_hash(x, data)) & _MASK
+
+    def _supplier_submit(self, x: int) -> int:
+        hist = self.sector_hist.get(x)
+        return -1 if not hist else self.submit[hist[-1][1]]
+
+    def _recheck(self, io: int, unit: int) -> None:
+        pw = self.pending[io]
+        rel = unit - pw.first_unit
+        legal = True
+        if pw.complete_step is not None:
+            start, data = pw.piece(rel)
+            first, last = start // SECTOR_BYTES, (start + len(data) - 1) // SECTOR_BYTES
+            legal = all(self._supplier_submit(x) < pw.complete_step
+                        for x in range(first, last + 1))
+        if legal == (rel not in pw.illegal):
+            return
+        pw = self._own(io)
+        pw.illegal = pw.illegal - {rel} if legal else pw.illegal | {rel}
+        self._set_legal_count(unit, self.unit_legal[unit] + (1 if legal else -1))
+
+    # -- size and device progress -----------------------------------------------------
+    def _resize(self, size_bytes: int) -> None:
+        top = self._writable()
+        shrink = size_bytes < top.size_bytes
+        top.resize(size_bytes)
+        if shrink:
+            # Sectors cut or truncated by the shrink start a new history.
+            for x in [x for x in self.sector_hist if x >= size_bytes // SECTOR_BYTES]:
+                del self.sector_hist[x]
+                self.floor.pop(x, None)
+            self.hash = image_hash(top)
+
+    def _destaged(self, io: int, rel: int) -> None:
+        w = self.trace.writes.get(io)
+        if w is None:
+            raise TraceError(f"trace destage names write {io}, which is not in the trace")
+        unit = w.offset // self.ub + rel
+        prev = self.last_destage.get(unit)
+        if prev == io:
+            return
+        if prev in self.pending:
+            pw = self.pending[prev]
+            self._own(prev).on_media.discard(unit - pw.first_unit)
+        self.last_destage[unit] = io
+        if io in self.pending:
+            self._own(io).on_media.add(rel)
+
+
+def _full(w: Write, x: int) -> bool:
+    return w.offset <= x * SECTOR_BYTES and w.end >= (x + 1) * SECTOR_BYTES
+
+
+def _overlay(w: Write, x: int, under: bytes) -> bytes:
+    """Sector x after write w lands over content ``under``."""
+    start = x * SECTOR_BYTES
+    lo, hi = max(w.offset, start), min(w.end, start + SECTOR_BYTES)
+    piece = w.data[lo - w.offset:hi - w.offset]
+    if hi - lo == SECTOR_BYTES:
+        return piece
+    return under[:lo - start] + piece + under[hi - start:]
+
+
+def iter_steps(trace: Trace) -> Iterator[StepStates]:
+    """The crash states of every step p = 0 .. n, built incrementally in one pass."""
+    b = _Builder(trace)
+    b.apply_side_events(0)
+    yield b.snapshot(0)
+    for i in range(len(trace.steps)):
+        b.apply_step(i)
+        b.apply_side_events(i + 1)
+        yield b.snapshot(i + 1)
+
+
+def step_at(trace: Trace, p: int) -> StepStates:
+    if not 0 <= p <= trace.n_steps:
+        raise ValueError(f"step p{p} is outside the trace (crash points are p0.."
+                         f"p{trace.n_steps})")
+    for st in iter_steps(trace):
+        if st.p == p:
+            return st
+    raise AssertionError("unreachable")
+
+
+def count_summary(step: StepStates) -> dict[str, object]:
+    return {"p": step.p, "pending": len(step.by_io), "durable": len(step.durable_ids),
+            "pending_units": sum(pw.n_units for pw in step.by_io.values()),
+            "legal_count": step.legal_count, "legal_log10": step.legal_log10}
+
+
+# -- building one state --------------------------------------------------------------
+
+Assignment = dict[int, tuple[int, bool]]  # device unit -> (io, garbage?)
+
+
+def _assignment(step: StepStates, picks: Sequence[Pick]) -> Assignment:
+    out: Assignment = {}
+    for pick in picks:
+        first = step.by_io[pick.io_id].first_unit
+        for rel in pick.clean:
+            out[first + rel] = (pick.io_id, False)
+        for rel in pick.garbage:
+            out[first + rel] = (pick.io_id, True)
+    return out
+
+
+def _picks(step: StepStates, assign: Assignment) -> tuple[Pick, ...]:
+    clean: dict[int, set[int]] = {}
+    garbage: dict[int, set[int]] = {}
+    for unit, (io, is_garbage) in assign.items():
+        rel = unit - step.by_io[io].first_unit
+        (garbage if is_garbage else clean).setdefault(io, set()).add(rel)
+    return tuple(Pick(io, step.by_io[io].n_units, frozenset(clean.get(io, ())),
+                      frozenset(garbage.get(io, ())))
+                 for io in sorted(set(clean) | set(garbage)))
+
+
+def _build(step: StepStates, assign: Assignment) -> tuple[SparseImage, str]:
+    """The state's own layer over the durable overlay, and its content key."""
+    img = step.durable.fork()
+    sectors = img.sectors
+    h = step.durable_hash
+    slow: set[int] = set()
+    for unit, (io, is_garbage) in assign.items():  # units are disjoint: order is free
+        pw = step.by_io[io]
+        rel = unit - pw.first_unit
+        fast = None if is_garbage else pw.unit_sectors(rel)
+        if fast is not None:
+            for x, data, hx in fast:
+                sectors[x] = data
+                h += hx - step.durable_sector_hash(x)
+            end = (fast[-1][0] + 1) * SECTOR_BYTES
+            if end > img.size_bytes:
+                img.size_bytes = end
+            continue
+        off, data = pw.piece(rel)
+        img.write(off, garbage_bytes(step.p, io, rel, len(data)) if is_garbage else data)
+        slow.update(range(off // SECTOR_BYTES, (off + len(data) - 1) // SECTOR_BYTES + 1))
+    for x in slow:
+        h += sector_hash(x, sectors[x]) - step.durable_sector_hash(x)
+    return img, key_of(img.size_bytes, h)
+
+
+def _state(step: StepStates, img: SparseImage, key: str, picks: tuple[Pick, ...],
+           tier: str) -> CrashState:
+    torn: list[tuple[int, int]] = []
+    garbage: list[tuple[int, int]] = []
+    for pick in picks:
+        legal = set(step.by_io[pick.io_id].legal_units)
+        if pick.clean != legal or pick.garbage:
+            torn += [(pick.io_id, r) for r in sorted(legal - pick.clean)]
+        garbage += [(pick.io_id, r) for r in sorted(pick.garbage)]
+    survivors = [pick.io_id for pick in picks if pick.applied]
+    return CrashState(format_state_id(step.p, picks), tier, step.p, img, survivors, torn,
+                      garbage, key, picks, step)
+
+
+def state_from_picks(step: StepStates, picks: Sequence[Pick], tier: str) -> CrashState:
+    """Build a state from already validated, non-overlapping picks."""
+    assign = _assignment(step, picks)
+    img, key = _build(step, assign)
+    return _state(step, img, key, _picks(step, assign), tier)
+
+
+# -- enumeration ---------------------------------------------------------------------
+
+class _Enumerator:
+    def __init__(self, step: StepStates, budget: int, seed: int, garbage: bool):
+        self.step, self.budget, self.seed, self.garbage = step, budget, seed, garbage
+        self.states: list[CrashState] = []
+        self.seen: set[str] = set()
+
+    @property
+    def remaining(self) -> int:
+        return self.budget - len(self.states)
+
+    def add(self, tier: str, assign: Assignment) -> bool:
+        """Add the state unless seen; False once the budget is spent."""
+        if self.remaining <= 0:
+            return False
+        img, key = _build(self.step, assign)
+        if key not in self.seen:
+            self.seen.add(key)
+            self.states.append(_state(self.step, img, key, _picks(self.step, assign), tier))
+        return self.remaining > 0
+
+    def device(self) -> None:
+        self.add("device", _assignment(self.step, self.step.device_picks))
+
+    def subsets(self) -> None:
+        ios = sorted(self.step.by_io)
+        k = len(ios)
+        if k <= self.remaining.bit_length() - 1:  # 2^k fits the remaining budget
+            groups: Iterator[tuple[int, ...]] = itertools.chain.from_iterable(
+                itertools.combinations(ios, r) for r in range(k + 1))
+        else:  # the simplest corners of the space only
+            singles = [(io,) for io in ios]
+            all_but_one = [tuple(x for x in ios if x != io) for io in ios]
+            groups = iter([(), *singles, tuple(ios), *all_but_one])
+        for group in groups:
+            if not self.add("subset", self._whole(group)):
+                return
+
+    def _whole(self, group: Sequence[int]) -> Assignment:
+        assign: Assignment = {}
+        for pw in sorted((self.step.by_io[io] for io in group), key=PendingWrite.order_key):
+            for rel in pw.legal_units:
+                assign[pw.first_unit + rel] = (pw.io_id, False)
+        return assign
+
+    def torn(self) -> None:
+        variants = [False, True] if self.garbage else [False]
+        for with_garbage in variants:
+            for pw in self.step.pending:
+                for assign in _tears(pw, with_garbage):
+                    if not self.add("torn", assign):
+                        return
+
+    def random(self) -> None:
+        cands = self.step.unit_candidates
+        units = sorted(cands)
+        if not units or self.remaining <= 0:
+            return
+        rng = random.Random(self.seed * 1_000_003 + self.step.p)
+        choices = [[None, *cands[u]] for u in units]
+        if self.step.legal_count <= self.remaining:
+            space = list(itertools.product(*choices))
+            rng.shuffle(space)
+            samples: Iterator[tuple] = iter(space)
+        else:
+            tries = 4 * self.remaining + 16
+            rnd = rng.random
+            samples = (tuple(c[int(rnd() * len(c))] for c in choices) for _ in range(tries))
+        for sample in samples:
+            assign = {u: (io, False) for u, io in zip(units, sample) if io is not None}
+            if not self.add("random", assign):
+                return
+
+
+def _tears(pw: PendingWrite, with_garbage: bool) -> Iterator[Assignment]:
+    """Prefix [0:j] and suffix [j:] of each boundary j; garbage marks the boundary unit."""
+    for j in range(1, pw.n_units):
+        parts = [(range(0, j), j), (range(j, pw.n_units), j - 1)]
+        for units, boundary in parts:
+            assign = {pw.first_unit + r: (pw.io_id, False) for r in units if pw.legal(r)}
+            if with_garbage:
+                if not pw.legal(boundary):
+                    continue
+                assign[pw.first_unit + boundary] = (pw.io_id, True)
+            if assign:
+                yield assign
+
+
+def enumerate_states(step: StepStates, budget: int, seed: int = 0,
+                     garbage: bool = False) -> list[CrashState]:
+    """Up to ``budget`` distinct states of a step, simplest first, tier by tier."""
+    en = _Enumerator(step, budget, seed, garbage)
+    for tier in (en.device, en.subsets, en.torn, en.random):
+        if en.remaining <= 0:
+            break
+        tier()
+    return en.states
+
+
+# -- state IDs -----------------------------------------------------------------------
+
+_ID_RE = re.compile(r"p(\d+):(.+)\Z")
+_PICK_RE = re.compile(r"w(\d+)(?:\[([0-9,\-]*)\])?(?:!g([0-9,\-]+))?\Z")
+
+
+def format_units(units: Sequence[int] | frozenset[int]) -> str:
+    """Sorted unit indices as ranges: {0,1,2,3,5} -> '0-3,5'."""
+    out: list[str] = []
+    for _, run in itertools.groupby(enumerate(sorted(units)), lambda t: t[1] - t[0]):
+        vals = [v for _, v in run]
+        out.append(str(vals[0]) if len(vals) == 1 else f"{vals[0]}-{vals[-1]}")
+    return ",".join(out)
+
+
+def parse_units(text: str, where: str) -> frozenset[int]:
+    units: set[int] = set()
+    for part in filter(None, text.split(",")):
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"{where}: bad unit range {part!r} (use e.g. 0-3,5)")
+        a, b = int(lo), int(hi) if sep else int(lo)
+        if b < a:
+            raise ValueError(f"{where}: unit range {part!r} runs backwards")
+        units.update(range(a, b + 1))
+    return frozenset(units)
+
+
+def format_state_id(p: int, picks: Sequence[Pick]) -> str:
+    parts = []
+    for pick in sorted(picks, key=lambda k: k.io_id):
+        if not pick.applied:
+            continue
+        text = f"w{pick.io_id}"
+        if pick.clean | pick.garbage != frozenset(range(pick.n_units)):
+            text += f"[{format_units(pick.clean)}]"
+        if pick.garbage:
+            text += f"!g{format_units(pick.garbage)}"
+        parts.append(text)
+    return f"p{p}:" + ("+".join(parts) if parts else "none")
+
+
+@dataclass(frozen=True)
+class StateChoice:
+    p: int
+    picks: tuple[Pick, ...]
+
+
+def parse_state_id(trace: Trace, state_id: str, *,
+                   step: StepStates | None = None) -> StateChoice:
+    """Parse and validate an ID against the trace; ValueError says what is wrong."""
+    text = state_id.strip()
+    m = _ID_RE.match(text)
+    if not m:
+        raise ValueError(f"state ID {state_id!r} is malformed: expected p<step>:none or "
+                         f"p<step>:w<io>[units]+... (e.g. p12:w3+w5[0-3]!g4)")
+    p = int(m.group(1))
+    if step is None or step.p != p:
+        step = step_at(trace, p)
+    body = m.group(2)
+    if body == "none":
+        return StateChoice(p, ())
+    picks = [_parse_pick(step, part, state_id) for part in body.split("+")]
+    _check_disjoint(step, picks, state_id)
+    return StateChoice(p, tuple(sorted(picks, key=lambda k: k.io_id)))
+
+
+def _parse_pick(step: StepStates, part: str, state_id: str) -> Pick:
+    m = _PICK_RE.match(part)
+    where = f"state ID {state_id!r}"
+    if not m:
+        raise ValueError(f"{where}: pick {part!r} is malformed (expected w<io>, "
+                         f"w<io>[0-3,5] or w<io>[0-3]!g4)")
+    io = int(m.group(1))
+    pw = step.by_io.get(io)
+    if pw is None:
+        pending = ", ".join(map(str, sorted(step.by_io))) or "none"
+        raise ValueError(f"{where}: write {io} is not pending at p{step.p} "
+                         f"(pending: {pending})")
+    garbage = parse_units(m.group(3) or "", where)
+    if m.group(2) is None:
+        clean = frozenset(range(pw.n_units)) - garbage
+    else:
+        clean = parse_units(m.group(2), where)
+    if clean & garbage:
+        raise ValueError(f"{where}: write {io} units {format_units(clean & garbage)} "
+                         f"are both clean and garbage")
+    for rel in sorted(clean | garbage):
+        if not 0 <= rel < pw.n_units:
+            raise ValueError(f"{where}: write {io} has units 0-{pw.n_units - 1}; unit "
+                             f"{rel} is out of range")
+        if not pw.legal(rel):
+            raise ValueError(f"{where}: unit {rel} of write {io} is not legal at "
+                             f"p{step.p}: newer durable data there was submitted after "
+                             f"write {io} completed")
+    return Pick(io, pw.n_units, clean, garbage)
+
+
+def _check_disjoint(step: StepStates, picks: list[Pick], state_id: str) -> None:
+    owner: dict[int, tuple[int, int]] = {}
+    for pick in picks:
+        first = step.by_io[pick.io_id].first_unit
+        for rel in pick.applied:
+            unit = first + rel
+            if unit in owner and owner[unit][0] != pick.io_id:
+                io2, rel2 = owner[unit]
+                raise ValueError(f"state ID {state_id!r}: unit {rel2} of write {io2} and "
+                                 f"unit {rel} of write {pick.io_id} are the same device "
+                                 f"unit; a unit holds one version")
+            if unit in owner:
+                raise ValueError(f"state ID {state_id!r}: write {pick.io_id} is picked "
+                                 f"twice")
+            owner[unit] = (pick.io_id, rel)
+
+
+def build_state(trace: Trace, state_id: str, *, step: StepStates | None = None
+                ) -> CrashState:
+    """Rebuild exactly the state an ID names (no seed or re-simulation needed)."""
+    choice = parse_state_id(trace, state_id, step=step)
+    if step is None or step.p != choice.p:
+        step = step_at(trace, choice.p)
+    return state_from_picks(step, choice.picks, "replay")
+
+
+# -- shrinking -----------------------------------------------------------------------
+
+def _score(cs: CrashState) -> tuple[int, int, int, int]:
+    applied = sum(len(k.applied) for k in cs.picks)
+    return len(cs.survivors), len(cs.torn), len(cs.garbage_units), applied
+
+
+def shrink(trace: Trace, state: CrashState, is_failing: Callable[[CrashState], bool],
+           max_tries: int = 200) -> CrashState:
+    """A smallest failing state found greedily: fewest surviving writes, then fewest
+    torn units, then fewest garbage and applied units. Deterministic."""
+    step = state.step if state.step is not None and state.step.p == state.p \
+        else step_at(trace, state.p)
+    best = state if state.picks or state.state_id.endswith(":none") else \
+        build_state(trace, state.state_id, step=step)
+    tries = 0
+
+    def attempt(picks: Sequence[Pick]) -> CrashState | None:
+        nonlocal tries
+        if tries >= max_tries:
+            return None
+        tries += 1
+        cs = state_from_picks(step, picks, "shrunk")
+        return cs if _score(cs) <= _score(best) and is_failing(cs) else None
+
+    def drop_survivors() -> None:
+        nonlocal best
+        changed = True
+        while changed and tries < max_tries:
+            changed = False
+            for i in range(len(best.picks)):
+                cs = attempt(best.picks[:i] + best.picks[i + 1:])
+                if cs is not None:
+                    best, changed = cs, True
+                    break
+
+    drop_survivors()
+    for io in [k.io_id for k in best.picks]:
+        if all(k.io_id != io for k in best.picks):
+            continue
+        for candidate in _unit_candidates(step, best, io):
+            if tries >= max_tries:
+                break
+            cs = attempt(candidate)
+            if cs is not None:
+                best = cs
+                break
+    drop_survivors()
+    return best
+
+
+def _unit_candidates(step: StepStates, cs: CrashState, io: int) -> Iterator[list[Pick]]:
+    """Replacements of one pick by simpler unit sets: whole, then contiguous pieces."""
+    picks = list(cs.picks)
+    idx = next(i for i, k in enumerate(picks) if k.io_id == io)
+    pick = picks[idx]
+    pw = step.by_io[io]
+    taken = set().union(*(({step.by_io[k.io_id].first_unit + r for r in k.applied})
+                          for k in picks if k.io_id != io))
+    free = [r for r in pw.legal_units if pw.first_unit + r not in taken]
+    legal = len(pw.legal_units)
+    current_torn = 0 if pick.clean == set(pw.legal_units) and not pick.garbage else \
+        legal - len(pick.clean)
+    options: list[tuple[int, int, frozenset[int]]] = [(legal - len(free), 0, frozenset(free))]
+    for j in range(1, len(free)):
+        options.append((legal - j, 1, frozenset(free[:j])))
+        options.append((legal - (len(free) - j), 2, frozenset(free[j:])))
+    for torn, _, units in sorted(options, key=lambda t: (t[0], t[1], sorted(t[2]))):
+        if torn > current_torn or (units == pick.clean and not pick.garbage):
+            continue
+        yield picks[:idx] + [Pick(io, pw.n_units, units)] + picks[idx + 1:]

@@ -1,0 +1,244 @@
+"""The shared report core: safe paths, atomic writes, colours and summary helpers.
+
+One module per output format (``plots``, ``html``, ``junit``) sits on top of this one,
+as in coverage.py. Every file goes through ``FileSet`` so that an error part-way through
+a report removes what that report already wrote instead of leaving a half-written folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..scenario import OUTCOME_CLASSES, VIOLATION_CLASSES
+
+PASS_CLASSES = ("old", "new")
+
+# Passing outcomes are greens; each violation class has its own warm colour, distinct
+# enough to tell apart in a legend. "pass" merges old and new where a figure has no room.
+OUTCOME_COLOURS = {
+    "pass": "#4daf4a",
+    "old": "#1b7837",
+    "new": "#7fbf7b",
+    "mixed": "#f0b400",
+    "lost": "#e66101",
+    "recovery-error": "#b2182b",
+    "stuck": "#e7298a",
+    "structure": "#7f3b08",
+}
+UNKNOWN_COLOUR = "#888888"
+FAILED_COLOUR = "#d7301f"
+
+# Later is worse: a crash point or heat-map cell shows the worst outcome among its states.
+SEVERITY = ("pass",) + tuple(VIOLATION_CLASSES)
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+MAX_DIRNAME_CHARS = 100
+
+
+class ReportError(Exception):
+    """A report could not be written; the message names the path and the problem."""
+
+
+def colour(outcome: str) -> str:
+    return OUTCOME_COLOURS.get(outcome, UNKNOWN_COLOUR)
+
+
+def is_violation(outcome: str) -> bool:
+    return outcome not in PASS_CLASSES and outcome != "pass"
+
+
+def worst(outcomes: Iterable[str]) -> str | None:
+    """The most severe outcome, with old/new folded into "pass"; None when empty."""
+    best_rank, found = -1, None
+    for o in outcomes:
+        name = "pass" if o in PASS_CLASSES else o
+        rank = SEVERITY.index(name) if name in SEVERITY else len(SEVERITY)
+        if rank > best_rank:
+            best_rank, found = rank, name
+    return found
+
+
+# -- paths ----------------------------------------------------------------------------
+
+def safe_dirname(name: str) -> str:
+    """One safe path component for a scenario name (which may contain anything).
+
+    Keeps [A-Za-z0-9._-], replaces the rest, never starts with a dot and never holds
+    "..". When the name had to change, a short hash of the original keeps two different
+    names (say "a/b" and "a_b") from sharing a folder.
+    """
+    safe = _UNSAFE.sub("_", name).replace("..", "__")
+    if safe.startswith("."):
+        safe = "_" + safe[1:]
+    if safe == name and 0 < len(safe) <= MAX_DIRNAME_CHARS:
+        return safe
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:10]
+    return f"{safe[:MAX_DIRNAME_CHARS] or 'scenario'}-{digest}"
+
+
+def ensure_inside(out_dir: Path | str, path: Path | str) -> Path:
+    """``path`` resolved; raises ReportError if it is not inside ``out_dir``."""
+    root = Path(out_dir).resolve()
+    target = Path(path).resolve()
+    if target != root and not target.is_relative_to(root):
+        raise ReportError(f"{path}: refusing to write outside the report folder {root}")
+    return target
+
+
+def scenario_dir(out_dir: Path | str, name: str) -> Path:
+    """The folder of one scenario's report: ``out_dir/<safe name>``."""
+    path = Path(out_dir) / safe_dirname(name)
+    ensure_inside(out_dir, path)
+    return path
+
+
+def atomic_write(path: Path | str, data: bytes | str) -> Path:
+    """Write ``data`` to ``path`` via a temp file in the same folder, fsync, rename.
+
+    Readers never see a half-written file; the temp file is removed on any error.
+    """
+    path = Path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)   # mkstemp makes 0600; reports are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+class FileSet:
+    """Files (and folders) written by one report call; removed again if it fails.
+
+    Use as a context manager: on an exception every file written through it and every
+    folder it created (if left empty) is removed, then the exception propagates.
+    """
+
+    def __init__(self) -> None:
+        self.paths: list[Path] = []
+        self.dirs: list[Path] = []
+
+    def write(self, path: Path | str, data: bytes | str) -> Path:
+        path = Path(path)
+        missing = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
+        atomic_write(path, data)
+        self.dirs.extend(reversed(missing))
+        self.paths.append(path)
+        return path
+
+    def adopt(self, other: "FileSet") -> None:
+        self.paths.extend(other.paths)
+        self.dirs.extend(other.dirs)
+
+    def remove(self) -> None:
+        for p in reversed(self.paths):
+            p.unlink(missing_ok=True)
+        for d in reversed(self.dirs):
+            try:
+                d.rmdir()
+            except OSError:
+                pass   # not empty: something else (results.json) lives there
+        self.paths, self.dirs = [], []
+
+    def __enter__(self) -> "FileSet":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.remove()
+
+
+# -- summaries shared by the formats --------------------------------------------------
+
+def scenario_name(result: dict[str, Any]) -> str:
+    return str(result["scenario"]["name"])
+
+
+def expect_text(result: dict[str, Any]) -> str:
+    expect = result["scenario"].get("expect", "pass")
+    if expect == "pass":
+        return "pass (no violations)"
+    wanted = expect.get("violations", []) if isinstance(expect, dict) else []
+    return "violations: " + (", ".join(map(str, wanted)) or "none listed")
+
+
+def found_classes(result: dict[str, Any]) -> list[str]:
+    counts = violation_counts(result)
+    return [c for c, n in counts.items() if n]
+
+
+def violation_counts(result: dict[str, Any]) -> dict[str, int]:
+    counts = result.get("violation_counts")
+    if counts is None:
+        outcomes = result.get("totals", {}).get("outcomes", {})
+        counts = {c: n for c, n in outcomes.items() if is_violation(c)}
+    return {str(c): int(n) for c, n in counts.items()}
+
+
+def counts_text(counts: dict[str, int]) -> str:
+    text = ", ".join(f"{c} {n}" for c, n in counts.items() if n)
+    return text or "none"
+
+
+def legal_text(exact: int | None, log10: float) -> str:
+    """An exact count when known, otherwise "~10^x" from its log10."""
+    if exact is not None:
+        return f"{exact:,}"
+    if not math.isfinite(log10):
+        return "unknown"
+    return f"~10^{log10:.1f}"
+
+
+def failure_reason(result: dict[str, Any]) -> str:
+    """Why a scenario did not meet its expectation, in one line (empty when it did)."""
+    if result.get("verdict") == "pass":
+        return ""
+    if not result.get("complete", True):
+        return (f"incomplete run: {result.get('skipped_states', 0)} states skipped; "
+                f"expected {expect_text(result)}")
+    found = found_classes(result)
+    expect = result["scenario"].get("expect", "pass")
+    if expect == "pass" or not found:
+        head = (f"expected {expect_text(result)}, found "
+                f"{counts_text(violation_counts(result))}")
+    else:
+        wanted = set(expect.get("violations", []))
+        head = (f"expected {expect_text(result)}; missing "
+                f"{', '.join(sorted(wanted - set(found))) or 'none'}")
+    violations = result.get("violations") or []
+    if violations:
+        v = violations[0]
+        head += (f"; first violation {v['class']} at state {v['state_id']}; "
+                 f"replay: {v['replay_command']}")
+    return head
+
+
+# -- orchestration --------------------------------------------------------------------
+
+def write_reports(out_dir: Path | str,
+                  results_with_timing: list[tuple[dict[str, Any], float]]) -> list[Path]:
+    """Every scenario page, the index and junit.xml; all or nothing.
+
+    Returns the paths written. On any error the files this call wrote are removed
+    (results.json, written by the caller, is left alone) and the error propagates.
+    """
+    from . import html, junit
+    out_dir = Path(out_dir)
+    with FileSet() as files:
+        for result, elapsed_s in results_with_timing:
+            html.write_scenario_page(out_dir, result, elapsed_s, files=files)
+        html.write_index(out_dir, results_with_timing, files=files)
+        junit.write_junit(out_dir / "junit.xml", results_with_timing, files=files)
+    return files.paths

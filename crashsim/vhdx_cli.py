@@ -1,0 +1,306 @@
+"""``crashsim vhdx``: inspect, replay, read, create and write VHDX images.
+
+Subcommands: ``info``, ``log``, ``replay [--in-place]``, ``read [-o FILE]``, ``create``
+and ``write``. Read-only commands never change the image: a dirty log is replayed in
+memory (``OverlayDevice``). Bad input prints one line,
+``crashsim: error: <file>: <reason> (at offset 0x...)``, and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from collections import Counter
+from typing import BinaryIO, Callable
+
+from .blockdev import FileDevice, run_sync
+from .sizes import format_size, parse_size
+from .writers.base import RecoveryError
+from .writers.vhdx.create import create_image
+from .writers.vhdx.driver import VhdxDriver, validate
+from .writers.vhdx.format import (FULLY_PRESENT, HEADER_BLOCK, HEADER_SLOTS, STATE_NAMES,
+                                  VhdxCorrupt, check_header, parse_file_identifier,
+                                  unpack_bat_entry)
+from .writers.vhdx.log import HeaderSession
+from .writers.vhdx.replay import (FIXED_POLICY, QEMU_POLICY, OverlayDevice, ReplayPolicy,
+                                  ReplayResult, replay, scan_log)
+
+EXIT_OK, EXIT_INPUT = 0, 2
+POLICIES = {"fixed": FIXED_POLICY, "spec": ReplayPolicy(), "qemu": QEMU_POLICY}
+READ_CHUNK_BYTES = 4 << 20
+
+
+class CliError(Exception):
+    """Bad input: printed as one line naming the file."""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("vhdx", help="inspect, replay, read, create and write VHDX "
+                              "images")
+    sub = p.add_subparsers(dest="vhdx_command", required=True)
+    info = sub.add_parser("info", help="file identifier, headers, regions, metadata, BAT")
+    info.add_argument("image")
+    log = sub.add_parser("log", help="every log entry, valid or not, and why")
+    log.add_argument("image")
+    rp = sub.add_parser("replay", help="replay the log (in memory unless --in-place)")
+    rp.add_argument("image")
+    rp.add_argument("--in-place", action="store_true", help="write the replay to the file")
+    rp.add_argument("--policy", choices=sorted(POLICIES), default="fixed")
+    rd = sub.add_parser("read", help="the virtual disk as raw bytes")
+    rd.add_argument("image")
+    rd.add_argument("-o", "--output", default=None, help="write to FILE (sparse), not stdout")
+    cr = sub.add_parser("create", help="a new dynamic VHDX image")
+    cr.add_argument("image")
+    cr.add_argument("--size", required=True)
+    cr.add_argument("--block-size", default="1MiB")
+    cr.add_argument("--log-size", default="1MiB")
+    cr.add_argument("--seed", type=int, default=None)
+    wr = sub.add_parser("write", help="a guest write through crashsim's driver")
+    wr.add_argument("image")
+    wr.add_argument("offset")
+    wr.add_argument("length")
+    wr.add_argument("--pattern", default="0xab")
+    wr.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    command: Callable[[argparse.Namespace], int] = _COMMANDS[args.vhdx_command]
+    try:
+        return command(args)
+    except (RecoveryError, CliError, ValueError, OSError) as exc:
+        print(f"crashsim: error: {args.image}: {_reason(exc)}", file=sys.stderr)
+        return EXIT_INPUT
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _size_arg(name: str, value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise CliError(f"bad {name}: {exc}") from None
+
+
+def _need_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise CliError("no such file")
+    if os.path.isdir(path):
+        raise CliError("is a directory, not an image file")
+
+
+def _open_in_memory(path: str, policy: ReplayPolicy = FIXED_POLICY
+                    ) -> tuple[OverlayDevice, VhdxDriver, ReplayResult]:
+    _need_file(path)
+    dev = OverlayDevice(path)
+    try:
+        drv = VhdxDriver(random.Random(0))
+        result = run_sync(drv.open(dev, policy=policy))
+    except BaseException:
+        dev.close()
+        raise
+    return dev, drv, result
+
+
+# -- info ---------------------------------------------------------------------------------
+def cmd_info(args: argparse.Namespace) -> int:
+    _need_file(args.image)
+    with OverlayDevice(args.image) as raw:
+        headers = HeaderSession.load(raw)
+        print(f"file:     {args.image} ({raw.size_bytes} bytes)")
+        print(f"creator:  {_creator(raw)}")
+        for line in _header_lines(raw, headers):
+            print(line)
+    dev, drv, result = _open_in_memory(args.image)
+    with dev:
+        print(f"log:      {_log_state(result)}")
+        for r, name in ((drv.regions.bat, "BAT"), (drv.regions.metadata, "metadata")):
+            print(f"region:   {name:8} at {r.file_offset:#x} length {r.length:#x}"
+                  f"{' (required)' if r.required else ''}")
+        md = drv.metadata
+        print(f"virtual size: {md.virtual_size} bytes ({format_size(md.virtual_size)})")
+        print(f"block size:   {md.block_size} bytes; sectors: logical "
+              f"{md.logical_sector_size}, physical {md.physical_sector_size}; "
+              f"chunk ratio {md.chunk_ratio}")
+        print(f"flags:        leave_blocks_allocated={md.leave_blocks_allocated} "
+              f"has_parent={md.has_parent}; page83 {md.page83}")
+        states = Counter(STATE_NAMES[unpack_bat_entry(v)[0]] for v in drv.bat)
+        print(f"BAT:          {len(drv.bat)} entries: "
+              + ", ".join(f"{n} {s}" for s, n in sorted(states.items())))
+        for problem in validate(dev):
+            print(f"problem:  {problem}")
+    return EXIT_OK
+
+
+def _creator(dev) -> str:
+    return parse_file_identifier(dev.read(0, 1024)) or "(empty)"
+
+
+def _header_lines(dev, headers: HeaderSession) -> list[str]:
+    out = []
+    for i, off in enumerate(HEADER_SLOTS):
+        mark = "current" if headers.slot == i else "other"
+        try:
+            h = check_header(dev.read(off, HEADER_BLOCK), off)
+        except VhdxCorrupt as exc:
+            out.append(f"header {i + 1} ({mark}): invalid: {exc}")
+            continue
+        out.append(f"header {i + 1} ({mark}): seq {h.sequence_number}, FileWriteGuid "
+                   f"{h.file_write_guid}, DataWriteGuid {h.data_write_guid}, LogGuid "
+                   f"{h.log_guid}, log at {h.log_offset:#x} length {h.log_length:#x}")
+    out.extend(f"note:     {n}" for n in headers.notes)
+    return out
+
+
+def _log_state(result: ReplayResult) -> str:
+    if "replayed" in result.branches:
+        return (f"dirty: {result.replayed_entries} entries replayed in memory "
+                f"(the file is unchanged)")
+    if "guid-reset" in result.branches:
+        return "LogGuid set without an active sequence (cleared in memory)"
+    return "clean"
+
+
+# -- log ----------------------------------------------------------------------------------
+def cmd_log(args: argparse.Namespace) -> int:
+    _need_file(args.image)
+    with OverlayDevice(args.image) as dev:
+        headers = HeaderSession.load(dev)
+        h = headers.current
+        print(f"log at {h.log_offset:#x} length {h.log_length:#x}; header LogGuid "
+              f"{h.log_guid}")
+        if h.log_length == 0:
+            print("no log (LogLength 0)")
+            return EXIT_OK
+        scan = scan_log(dev, h)
+        for c in scan.candidates:
+            e = c.header
+            status = "valid" if c.valid else (
+                "inactive" if c.code == "guid-mismatch" else "invalid")
+            print(f"log+{c.position:#x}: seq {e.sequence_number} length {e.entry_length:#x} "
+                  f"descriptors {e.descriptor_count} tail {e.tail:#x} guid {e.log_guid} "
+                  f"FlushedFileOffset {e.flushed_file_offset:#x} LastFileOffset "
+                  f"{e.last_file_offset:#x}: {status}" + ("" if c.valid else f": {c.reason}"))
+        print(f"{scan.empty_sectors} log sectors hold no entry header")
+        for r in scan.runs:
+            role = "ACTIVE" if r is scan.active else (
+                "not well-formed" if r.replay_from is None else "not active")
+            print(f"{r.describe()}: {role}")
+        if scan.active is None:
+            print("no active sequence" + (" (LogGuid is set)" if h.log_guid.int else ""))
+    return EXIT_OK
+
+
+# -- replay -------------------------------------------------------------------------------
+def cmd_replay(args: argparse.Namespace) -> int:
+    _need_file(args.image)
+    policy = POLICIES[args.policy]
+    if args.in_place:
+        with FileDevice(args.image) as dev:
+            drv = VhdxDriver(random.Random())
+            result = run_sync(drv.open(dev, policy=policy))
+    else:
+        dev, drv, result = _open_in_memory(args.image, policy)
+        dev.close()
+    for line in result.decisions:
+        print(line)
+    print(f"branches: {', '.join(result.branches)}")
+    print("replayed in place" if args.in_place else
+          "replayed in memory; the file is unchanged (use --in-place to write it)")
+    return EXIT_OK
+
+
+# -- read ---------------------------------------------------------------------------------
+def cmd_read(args: argparse.Namespace) -> int:
+    dev, drv, _ = _open_in_memory(args.image)
+    with dev:
+        if args.output is None:
+            _stream(drv, sys.stdout.buffer, sparse=False)
+            sys.stdout.buffer.flush()
+        else:
+            with open(args.output, "wb") as out:
+                _stream(drv, out, sparse=True)
+    return EXIT_OK
+
+
+def _stream(drv: VhdxDriver, out: BinaryIO, *, sparse: bool) -> None:
+    """Copy the virtual disk chunk by chunk; with ``sparse``, skip zero chunks (holes)."""
+    size = drv.virtual_size
+    chunk = min(READ_CHUNK_BYTES, drv.block_size)
+    pos = 0
+    while pos < size:
+        n = min(chunk, size - pos)
+        block = pos // drv.block_size
+        absent = drv.block_state(block)[0] != FULLY_PRESENT
+        data = None if absent else drv.read(pos, n)
+        if sparse and (data is None or data.count(0) == n):
+            out.seek(pos + n)
+        else:
+            out.write(data if data is not None else bytes(n))
+        pos += n
+    if sparse:
+        out.truncate(size)
+
+
+# -- create / write -------------------------------------------------------------------------
+def cmd_create(args: argparse.Namespace) -> int:
+    size = _size_arg("--size", args.size)
+    block = _size_arg("--block-size", args.block_size)
+    log = _size_arg("--log-size", args.log_size)
+    img = create_image(size, block, log, rng=random.Random(args.seed))
+    img.to_file(args.image)
+    print(f"created {args.image}: virtual size {format_size(size)}, block size "
+          f"{format_size(block)}, log {format_size(log)}")
+    return EXIT_OK
+
+
+def cmd_write(args: argparse.Namespace) -> int:
+    offset = _size_arg("OFFSET", args.offset)
+    length = _size_arg("LENGTH", args.length)
+    pattern = _pattern(args.pattern)
+    _need_file(args.image)
+    with FileDevice(args.image) as dev:
+        drv = VhdxDriver(random.Random(args.seed))
+        run_sync(drv.open(dev))
+        list(drv.extents(offset, length))  # range check before any write
+        step = drv.block_size
+        pos = offset
+        while pos < offset + length:
+            n = min(step - pos % step, offset + length - pos)
+            run_sync(drv.write(pos, bytes([pattern]) * n))
+            pos += n
+        run_sync(drv.flush())
+    print(f"wrote {length} bytes of {pattern:#04x} at {offset:#x}")
+    return EXIT_OK
+
+
+def _pattern(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise CliError(f"bad --pattern {text!r}: expected a byte such as 0xab") from None
+    if not 0 <= value <= 255:
+        raise CliError(f"bad --pattern {text!r}: a byte is 0..255")
+    return value
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "info": cmd_info, "log": cmd_log, "replay": cmd_replay, "read": cmd_read,
+    "create": cmd_create, "write": cmd_write}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="crashsim")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

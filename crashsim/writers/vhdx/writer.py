@@ -1,0 +1,167 @@
+"""The ``vhdx`` writer plugin: QEMU's VHDX protocol with crashsim's fixes, under test.
+
+Two workload kinds:
+
+``guest_write``
+    A guest write through ``VhdxDriver`` followed by a guest flush; the transaction is
+    acknowledged after the flush. The view is the virtual disk, read through the BAT.
+``log_write``
+    A raw logged update of file bytes through ``LogWriter.log_write``. Op offsets are
+    relative to the *payload area*, which starts where the freshly created image ends
+    (past the headers, log, BAT and metadata), so a workload cannot overwrite the
+    structures that make the file a VHDX. The view is those file bytes.
+
+Recovery is an open with the fixed replay policy (a LogGuid left set without entries
+is cleared). The liveness probe allocates one more block the workload never touches.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, ClassVar
+
+from ...blockdev import BlockDevice, IOGen
+from ...image import SparseImage
+from ...model import Op
+from ...sizes import parse_size
+from ..base import ProbeFailed, Recovery, RecoveryError, TxReporter
+from .create import LOG_OFFSET, create_image
+from .driver import VhdxDriver, validate
+from .format import FULLY_PRESENT, MiB, bat_entry_count, round_up
+from .replay import FIXED_POLICY, ReplayPolicy
+
+PROBE_BYTES = 4096
+PROBE_PATTERN = 0x5A
+
+
+class VhdxWriter:
+    kind: ClassVar[str] = "vhdx"
+    op_kinds: ClassVar[frozenset[str]] = frozenset({"guest_write", "log_write"})
+    defects_available: ClassVar[dict[str, str]] = {}
+    recovery_policy: ClassVar[ReplayPolicy] = FIXED_POLICY
+    driver_class: ClassVar[type[VhdxDriver]] = VhdxDriver
+
+    def __init__(self, *, ops: list[Op], image: dict[str, Any], defects: list[str],
+                 seed: int) -> None:
+        unknown = sorted(set(defects) - set(self.defects_available))
+        if unknown:
+            known = ", ".join(sorted(self.defects_available)) or "none"
+            raise ValueError(f"writer {self.kind!r} has no defect {unknown[0]!r} "
+                             f"(available: {known})")
+        kinds = {op.kind for op in ops}
+        if len(kinds) > 1 or not kinds <= self.op_kinds:
+            raise ValueError(f"writer {self.kind!r} runs either guest_write or log_write "
+                             f"ops, not {sorted(kinds)}")
+        self.ops = ops
+        self.defects = frozenset(defects)
+        self.seed = seed
+        self.op_kind = next(iter(kinds), "guest_write")
+        self.virtual_size = parse_size(image.get("virtual_size", 64 * MiB))
+        self.block_size = parse_size(image.get("block_size", MiB))
+        self.log_size = parse_size(image.get("log_size", MiB))
+        self.payload_base = self._payload_base()
+        self._check_ops()
+
+    def _payload_base(self) -> int:
+        entries = bat_entry_count(self.virtual_size, self.block_size, 512)
+        return LOG_OFFSET + self.log_size + round_up(entries * 8, MiB) + MiB
+
+    def _check_ops(self) -> None:
+        if self.op_kind != "guest_write":
+            return
+        for op in self.ops:
+            if op.offset < 0 or op.offset + op.length > self.virtual_size:
+                raise ValueError(f"guest_write at {op.offset:#x} length {op.length:#x} "
+                                 f"lies outside the {self.virtual_size}-byte virtual disk")
+
+    def _rng(self, purpose: str) -> random.Random:
+        return random.Random(f"vhdx:{self.seed}:{purpose}")
+
+    def _driver(self, purpose: str) -> VhdxDriver:
+        return self.driver_class(self._rng(purpose))
+
+    # -- format and workload ----------------------------------------------------------------
+    def format_image(self) -> SparseImage:
+        return create_image(self.virtual_size, self.block_size, self.log_size,
+                            rng=self._rng("format"))
+
+    def run(self, dev: BlockDevice, tx: TxReporter) -> IOGen:
+        drv = self._driver("run")
+        yield from drv.open(dev, policy=self.recovery_policy)
+        for i, op in enumerate(self.ops):
+            tx.start(i)
+            yield from self.apply_op(drv, op)
+            tx.ack(i)
+
+    def apply_op(self, drv: VhdxDriver, op: Op) -> IOGen:
+        if op.kind == "guest_write":
+            yield from drv.write(op.offset, op.data())
+            yield from drv.flush()
+        else:
+            yield from drv.log.log_write(self.payload_base + op.offset, op.data())
+
+    # -- recovery and checks ----------------------------------------------------------------
+    def recover(self, dev: BlockDevice) -> IOGen:
+        drv = self._driver("recover")
+        result = yield from drv.open(dev, policy=self.recovery_policy)
+        return Recovery(list(result.decisions), list(result.branches))
+
+    def view(self, dev: BlockDevice, ranges: list[tuple[int, int]]) -> bytes:
+        if self.op_kind == "log_write":
+            return b"".join(dev.read(self.payload_base + off, n) for off, n in ranges)
+        drv = self._driver("view").attach(dev)
+        return b"".join(drv.read(off, n) for off, n in ranges)
+
+    def check_structure(self, dev: BlockDevice) -> list[str]:
+        problems = validate(dev, self.recovery_policy)
+        if problems:
+            return problems
+        try:
+            drv = self._driver("check").attach(dev)
+        except RecoveryError as exc:
+            return [str(exc)]
+        return self._stray_blocks(drv)
+
+    def workload_blocks(self) -> set[int]:
+        if self.op_kind != "guest_write":
+            return set()
+        blocks = set()
+        for op in self.ops:
+            if op.length:
+                first = op.offset // self.block_size
+                last = (op.offset + op.length - 1) // self.block_size
+                blocks.update(range(first, last + 1))
+        return blocks
+
+    def _stray_blocks(self, drv: VhdxDriver) -> list[str]:
+        expected = self.workload_blocks()
+        out = []
+        for block in range(drv.metadata.data_blocks):
+            state, off = drv.block_state(block)
+            if state == FULLY_PRESENT and block not in expected:
+                out.append(f"BAT entry {drv.bat_index_of(block)} (block {block}) is "
+                           f"allocated at {off:#x} but the workload never wrote it")
+        return out
+
+    # -- liveness -------------------------------------------------------------------------
+    def probe_block(self) -> int:
+        used = self.workload_blocks()
+        blocks = -(-self.virtual_size // self.block_size)
+        return next((b for b in range(blocks - 1, -1, -1) if b not in used), blocks - 1)
+
+    def probe(self, dev: BlockDevice) -> IOGen:
+        offset = self.probe_block() * self.block_size
+        data = bytes([PROBE_PATTERN]) * min(PROBE_BYTES, self.virtual_size - offset)
+        try:
+            drv = self._driver("probe")
+            yield from drv.open(dev, policy=self.recovery_policy)
+            yield from drv.write(offset, data)
+            yield from drv.flush()
+            again = self._driver("probe-reopen")
+            yield from again.open(dev, policy=self.recovery_policy)
+            back = again.read(offset, len(data))
+        except (RecoveryError, ValueError) as exc:
+            raise ProbeFailed(f"allocating write at guest offset {offset:#x} failed: "
+                              f"{exc}") from None
+        if back != data:
+            raise ProbeFailed(f"allocating write at guest offset {offset:#x} did not read "
+                              f"back after reopening")

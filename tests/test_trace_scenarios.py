@@ -1,0 +1,295 @@
+"""Trace scenarios: crash states of recorded I/O (dm-log-writes / QEMU blklogwrites logs),
+recovered by real tools or by crashsim's own VHDX replay (design.md §5, §7)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from crashsim import crashstates
+from crashsim.dmlog import flush_entry, mark_entry, write_entry, write_log
+from crashsim.explore import build_context
+from crashsim.oracle import Judge, classify
+from crashsim.runner import run_one
+from crashsim.scenario import ScenarioError, check_writer, load_scenario
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A Linux dm-log-writes log over a 64 KiB raw device: op0 plain, op1 FUA, a MARK, op2
+# plain, a FLUSH, op3 plain. Crash points (after p steps): 4 = op1 (FUA) complete,
+# 8 = the flush complete, 10 = the end.
+LINUX_OPS = [(0, 0xA1), (4096, 0xB2), (8192, 0xC3), (12288, 0xD4)]
+
+
+def _linux_log(path: Path) -> Path:
+    (a, pa), (b, pb), (c, pc), (d, pd) = LINUX_OPS
+    write_log(path, [write_entry(a // 512, bytes([pa]) * 512),
+                     write_entry(b // 512, bytes([pb]) * 512, fua=True),
+                     mark_entry("after-fua"),
+                     write_entry(c // 512, bytes([pc]) * 512),
+                     flush_entry(),
+                     write_entry(d // 512, bytes([pd]) * 512)])
+    return path
+
+
+def _model_yaml(ops) -> str:
+    lines = ["model:", "  ops:"]
+    for off, pattern in ops:
+        lines.append(f"    - guest_write: {{offset: {off}, length: 512, "
+                     f"pattern: {pattern:#x}}}")
+    return "\n".join(lines) + "\n"
+
+
+def _linux_scenario(tmp_path: Path, name: str, extra: str, expect: str,
+                    recovery: str = '{command: ["true"]}', ops=LINUX_OPS) -> Path:
+    _linux_log(tmp_path / "linux.log")
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"name: {name}\n"
+                    f"trace: {{log: linux.log, format: dm-log-writes, image_format: raw, "
+                    f"final_size: 64KiB}}\n"
+                    f"recovery: {recovery}\n"
+                    f"{extra}"
+                    f"{_model_yaml(ops)}"
+                    f"explore: {{max_states_per_step: 64, shrink: true}}\n"
+                    f"expect: {expect}\n")
+    return path
+
+
+def _load(path: Path):
+    sc = load_scenario(path)
+    check_writer(path, sc)
+    return sc
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    # through main() as the console script does (``-m crashsim.cli`` would make a second
+    # copy of the module, whose InputError the package's code never raises)
+    code = "import sys; from crashsim.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+# -- (b) a Linux log with FUA and MARK entries --------------------------------------------
+def test_linux_log_fua_is_durable_but_not_a_barrier(tmp_path):
+    path = _linux_scenario(tmp_path, "linux-fua", "probe: builtin\n",
+                           "{violations: [mixed]}")
+    sc = _load(path)
+    ctx = build_context(sc)
+    assert ctx.trace.marks == [(4, "after-fua")]
+    results = run_one(sc, str(path))
+    steps = {s["step"]: s for s in results["per_step"]}
+    # op1 (FUA) has completed: it is on media in every state; op0, unflushed and
+    # submitted before it, may be absent, which no number of transactions explains
+    assert set(steps[4]["outcomes"]) == {"new", "mixed"}
+    assert (steps[4]["pending"], steps[4]["durable"], steps[4]["acked"]) == (1, 1, 0)
+    # op2, submitted after the FUA write, may be missing while op1 is present (k = 2)
+    assert set(steps[6]["outcomes"]) == {"new", "mixed"}
+    # the flush makes ops 0..2 durable and acknowledged; op3 is pending
+    assert (steps[8]["acked"], steps[8]["outcomes"]) == (3, {"old": 1})
+    assert set(steps[10]["outcomes"]) == {"old", "new"}
+    assert results["verdict"] == "pass"
+    assert results["recovery_paths"]["true-exit-0"] == results["totals"]["explored"]
+    minimal = {v["minimal_state_id"] for v in results["violations"]}
+    assert "p4:none" in minimal  # the durable content alone: op1 without op0
+
+
+def test_fua_write_is_never_lost_once_complete(tmp_path):
+    sc = _load(_linux_scenario(tmp_path, "linux-fua2", "probe: none\n",
+                               "{violations: [mixed]}"))
+    ctx = build_context(sc)
+    b_off, b_pattern = LINUX_OPS[1]
+    for st in crashstates.iter_steps(ctx.trace):
+        if st.p < 4:
+            continue
+        for cs in crashstates.enumerate_states(st, 64, 1):
+            assert cs.image.read(b_off, 512) == bytes([b_pattern]) * 512, cs.state_id
+
+
+def test_model_that_does_not_match_the_log_is_an_input_error(tmp_path):
+    path = _linux_scenario(tmp_path, "linux-wrong-model", "probe: none\n", "pass",
+                           ops=LINUX_OPS + [(16384, 0xEE)])
+    proc = _cli("run", str(path), "--out", str(tmp_path / "out"), "--workers", "1")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines()[0].startswith("crashsim: error: linux-wrong-model: "
+                                                  "model.ops.4 (512 bytes of 0xee")
+
+
+# -- (c) a missing QEMU tool ----------------------------------------------------------------
+def test_missing_qemu_tool_is_exit_2_with_install_hint(tmp_path):
+    path = _linux_scenario(tmp_path, "needs-qemu", "view: qemu-img\nprobe: none\n",
+                           "pass", recovery="{builtin: none}")
+    env = {**os.environ, "PATH": str(tmp_path / "empty-bin")}
+    proc = _cli("run", str(path), "--out", str(tmp_path / "out"), "--workers", "1",
+                env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "crashsim: error: needs-qemu: qemu-img: not found on PATH; install it: "
+        "apt-get install -y qemu-utils"]
+    assert not (tmp_path / "out" / "needs-qemu").exists()
+
+
+# -- (d) an external recovery that hangs ----------------------------------------------------
+def test_hanging_recovery_is_a_recorded_timeout(tmp_path):
+    path = _linux_scenario(tmp_path, "hangs", "probe: none\n",
+                           "{violations: [recovery-error]}",
+                           recovery='{command: [sleep, "30"], timeout_s: 0.3}')
+    text = path.read_text().replace("shrink: true", "shrink: false")
+    path.write_text(text.replace("max_states_per_step: 64", "max_states_per_step: 2"))
+    results = run_one(_load(path), str(path))
+    totals = results["totals"]
+    assert totals["outcomes"]["recovery-error"] == totals["explored"] > 0
+    assert results["verdict"] == "pass"
+    details = {v["detail"] for v in results["violations"]}
+    assert details == {"refused: sleep timed out after 0.3 s"}
+
+
+# -- (e) a truncated log --------------------------------------------------------------------
+def test_truncated_log_is_exit_2_naming_entry_and_offset(tmp_path):
+    path = _linux_scenario(tmp_path, "cut", "probe: none\n", "pass")
+    log = tmp_path / "linux.log"
+    log.write_bytes(log.read_bytes()[:0x900])  # entry 1: header 0x600, data 0x800..0xa00
+    proc = _cli("run", str(path), "--out", str(tmp_path / "out"), "--workers", "1")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1
+    assert f"{log}: entry 1 at offset 0x600: entry data truncated" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+# -- scenario validation ----------------------------------------------------------------------
+@pytest.mark.parametrize("extra,needle", [
+    ("writer: {kind: wal}\n", "writer: a trace scenario replays the recorded I/O"),
+    ("workload: {ops: []}\n", "workload: a trace scenario replays the recorded I/O"),
+    ("explore: {recovery_crash: true}\n", "explore.recovery_crash: an external recovery"),
+])
+def test_trace_scenario_shape_errors(tmp_path, extra, needle):
+    path = _linux_scenario(tmp_path, "shape", "", "pass")
+    text = path.read_text()
+    if extra.startswith("explore"):
+        text = text.replace("explore: {max_states_per_step: 64, shrink: true}\n", extra)
+    else:
+        text += extra
+    path.write_text(text)
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(path)
+    assert any(needle in line and line.startswith(f"{path}:") for line in err.value.lines)
+
+
+def test_trace_scenario_needs_model_and_recovery_and_plain_one_refuses_them(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\ntrace: {log: x.log, final_size: 64KiB}\n")
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(bad)
+    assert [ln.split(": ", 1)[1] for ln in err.value.lines] == [
+        "model: required key is missing (a trace scenario needs trace, model and "
+        "recovery)",
+        "recovery: required key is missing (a trace scenario needs trace, model and "
+        "recovery)"]
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("name: p\nwriter: {kind: wal}\nrecovery: {builtin: vhdx}\n")
+    with pytest.raises(ScenarioError, match=r"plain.yaml:3: recovery: only a trace "):
+        load_scenario(plain)
+
+
+def test_trace_paths_resolve_against_the_scenario_folder(tmp_path):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    path = _linux_scenario(sub, "rel", "probe: none\n", "{violations: [mixed]}")
+    sc = load_scenario(path)
+    assert sc.resolve_path(sc.trace.log) == sub / "linux.log"
+    assert [op.pattern for op in sc.ops()] == [p for _, p in LINUX_OPS]
+    (sub / "linux.log").unlink()
+    with pytest.raises(ScenarioError, match=r"rel.yaml:2: trace.log: file not found"):
+        load_scenario(path)
+
+
+# -- (a) crashsim's replay against QEMU's, on one real recording ---------------------------
+QEMU_WRITES = [(0, 0xA1), (64 * 1024, 0xA2), (1 << 20, 0xA3)]  # the 2nd needs no allocation
+
+
+def _vhdx_scenario(tmp_path: Path, name: str, recovery: str, view: str) -> Path:
+    commands = "".join(f'           -c, "write -P {p:#x} {off} 64k",\n'
+                       for off, p in QEMU_WRITES)
+    ops = "".join(f"    - guest_write: {{offset: {off}, length: 64KiB, pattern: {p:#x}}}\n"
+                  for off, p in QEMU_WRITES)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        f"name: {name}\n"
+        f"trace:\n"
+        f'  create: [qemu-img, create, -q, -f, vhdx, -o, "block_size=1M,log_size=1M", '
+        f'"{{image}}", 64M]\n'
+        f"  record: [qemu-io, --image-opts,\n"
+        f'           "driver=vhdx,file.driver=blklogwrites,file.file.filename={{image}},'
+        f'file.log.filename={{log}}",\n'
+        f"{commands}"
+        f"           ]\n"
+        f"recovery: {recovery}\n"
+        f"view: {view}\n"
+        f"probe: qemu-io\n"
+        f"model:\n  ops:\n{ops}")
+    return path
+
+
+def _data_verdict(judge: Judge, cs, acked: int, started: int) -> str:
+    """old/new/mixed/lost/recovery-error from the view alone (no structure, no probe)."""
+    ex = judge.examine(cs.image, key=cs.content_key)
+    return classify(dataclasses.replace(ex, structure=[], probe_error=None), acked,
+                    started).outcome
+
+
+def test_builtin_and_qemu_recovery_agree_on_every_state(require_qemu, tmp_path):
+    qemu = _load(_vhdx_scenario(tmp_path, "by-qemu",
+                                '{command: [qemu-img, check, -r, all, "{image}"]}',
+                                "qemu-img"))
+    ours = _load(_vhdx_scenario(tmp_path, "by-crashsim", "{builtin: vhdx}", "builtin"))
+    ctx_q = build_context(qemu)
+    ctx_b = build_context(ours, trace=ctx_q.trace)  # the very same recorded I/O
+    judges = [Judge(c.writer, c.model, probe=False) for c in (ctx_q, ctx_b)]
+    verdicts: list[dict[str, str]] = [{}, {}]
+    for st in crashstates.iter_steps(ctx_q.trace):
+        acked, started = ctx_q.trace.acked(st.p), ctx_q.trace.started(st.p)
+        for cs in crashstates.enumerate_states(st, 6, 1):
+            for judge, out in zip(judges, verdicts):
+                out[cs.state_id] = _data_verdict(judge, cs, acked, started)
+    assert verdicts[0].keys() == verdicts[1].keys()
+    both_ok = [sid for sid in verdicts[0]
+               if "recovery-error" not in (verdicts[0][sid], verdicts[1][sid])]
+    differ = {sid: (verdicts[0][sid], verdicts[1][sid]) for sid in both_ok
+              if verdicts[0][sid] != verdicts[1][sid]}
+    assert differ == {}
+    seen = {verdicts[0][sid] for sid in both_ok}
+    # mixed: the rewrite of an allocated block goes straight to the data, unflushed, so a
+    # torn 64 KiB write shows through, the same way under either recovery
+    assert seen == {"old", "new", "mixed"} and len(both_ok) > 100
+
+
+def test_qemu_leaves_a_published_log_guid_stuck_and_crashsim_resets_it(require_qemu,
+                                                                       tmp_path):
+    qemu = _load(_vhdx_scenario(tmp_path, "q", '{command: [qemu-img, check, -r, all, '
+                                '"{image}"]}', "qemu-img"))
+    ours = _load(_vhdx_scenario(tmp_path, "b", "{builtin: vhdx}", "builtin"))
+    ctx_q = build_context(qemu)
+    ctx_b = build_context(ours, trace=ctx_q.trace)
+    trace = ctx_q.trace
+    # the first header write that publishes a LogGuid: the 4th write of the log (§8),
+    # after two DataWriteGuid updates and the guest data; cut once its flush completed
+    header_io = [s.io_id for s in trace.steps if s.kind == "write_submit"][3]
+    assert trace.writes[header_io].offset == 64 * 1024
+    done = next(i for i, s in enumerate(trace.steps)
+                if s.kind == "write_complete" and s.io_id == header_io)
+    assert [s.kind for s in trace.steps[done + 1:done + 3]] == ["flush_submit",
+                                                                 "flush_complete"]
+    p = done + 3
+    cs = crashstates.build_state(trace, f"p{p}:none")
+    acked, started = trace.acked(p), trace.started(p)
+    by_qemu = ctx_q.judge.judge(cs.image, acked, started)
+    assert by_qemu.outcome == "stuck"
+    assert "write failed: Operation not supported" in by_qemu.detail
+    assert "No errors were found on the image." in by_qemu.examined.recovery.decisions
+    by_us = ctx_b.judge.judge(cs.image, acked, started)
+    assert by_us.outcome == "old"
+    assert "guid-reset" in by_us.examined.recovery.branches
