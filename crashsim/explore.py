@@ -165,7 +165,7 @@ def _count(res: StepResult, cs, verdict: Verdict, key: str,
 
 def _recovery_crash(ctx: Context, res: StepResult, cs, acked: int, started: int) -> None:
     """Cut power at every step of this state's own recovery, then recover again."""
-    ex = ctx.judge.examine(cs.image, record=True)
+    ex = ctx.judge.examine(cs.image, key=_key(cs), record=True)
     rtrace = ex.recovery_trace
     if rtrace is None or not rtrace.steps:
         return

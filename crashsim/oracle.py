@@ -82,6 +82,7 @@ class Judge:
         self.probe = probe
         self.keep_views = keep_views
         self._cache: dict[object, Examined] = {}
+        self._recorded: dict[object, Examined] = {}
         self.cache_hits = 0
 
     def judge(self, image: SparseImage, acked: int, started: int,
@@ -90,14 +91,18 @@ class Judge:
 
     def examine(self, image: SparseImage, key: object | None = None,
                 record: bool = False) -> Examined:
-        if key is not None and not record:
-            hit = self._cache.get(key)
+        """Recover ``image`` (cached by ``key``); ``record`` keeps recovery's own trace."""
+        cache = self._recorded if record else self._cache
+        if key is not None:
+            hit = cache.get(key)
             if hit is not None:
                 self.cache_hits += 1
                 return hit
         ex = self._examine(image, record)
-        if key is not None and not record:
-            self._cache[key] = ex
+        if key is not None:
+            cache[key] = ex
+            if record:
+                self._cache.setdefault(key, ex)
         return ex
 
     def _examine(self, image: SparseImage, record: bool) -> Examined:
