@@ -277,7 +277,10 @@ class StepStates:
 
     @property
     def device_picks(self) -> list[Pick]:
-        """The device's own media at p, in pick form (units destaged by then)."""
+        """The device's own media at p, in pick form: per unit, the newest version the
+        device destaged by then, when it is a legal pending one. Exact whenever writes
+        cover whole units; a unit the device filled piecewise from two sub-unit writes
+        shows the newer one only."""
         picks = []
         for pw in self.pending:
             clean = frozenset(r for r in pw.on_media if pw.legal(r))

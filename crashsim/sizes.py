@@ -18,6 +18,8 @@ def parse_size(value: object) -> int:
             raise ValueError(f"size must not be negative, got {value}")
         return value
     if isinstance(value, str):
+        if value.strip().startswith("-"):
+            raise ValueError(f"size must not be negative, got {value!r}")
         m = _SIZE_RE.match(value)
         if m and m.group(2).lower() in _UNITS:
             return int(m.group(1)) * _UNITS[m.group(2).lower()]

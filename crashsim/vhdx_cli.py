@@ -18,8 +18,8 @@ from .blockdev import FileDevice, run_sync
 from .sizes import format_size, parse_size
 from .writers.base import RecoveryError
 from .writers.vhdx.create import create_image
-from .writers.vhdx.driver import VhdxDriver, validate
-from .writers.vhdx.format import (FULLY_PRESENT, HEADER_BLOCK, HEADER_SLOTS, STATE_NAMES,
+from .writers.vhdx.driver import READS_AS_ZERO, VhdxDriver, validate
+from .writers.vhdx.format import (HEADER_BLOCK, HEADER_SLOTS, STATE_NAMES,
                                   VhdxCorrupt, check_header, parse_file_identifier,
                                   unpack_bat_entry)
 from .writers.vhdx.log import HeaderSession
@@ -237,7 +237,7 @@ def _stream(drv: VhdxDriver, out: BinaryIO, *, sparse: bool) -> None:
     while pos < size:
         n = min(chunk, size - pos)
         block = pos // drv.block_size
-        absent = drv.block_state(block)[0] != FULLY_PRESENT
+        absent = drv.block_state(block)[0] in READS_AS_ZERO
         data = None if absent else drv.read(pos, n)
         if sparse and (data is None or data.count(0) == n):
             out.seek(pos + n)

@@ -77,7 +77,8 @@ def test_log_geometry_checks():
 
 # -- region table and metadata -------------------------------------------------------------
 def test_region_table_round_trip_and_rules():
-    entries = [f.RegionEntry(f.BAT_GUID, 2 * MiB, MiB), f.RegionEntry(f.METADATA_GUID, 3 * MiB, MiB)]
+    entries = [f.RegionEntry(f.BAT_GUID, 2 * MiB, MiB),
+               f.RegionEntry(f.METADATA_GUID, 3 * MiB, MiB)]
     blob = f.build_region_table(entries)
     assert len(blob) == 64 * 1024
     assert f.parse_region_table(blob, 0x30000) == entries
@@ -260,3 +261,13 @@ def test_large_log_and_block_sizes_place_regions_in_order():
     drv = VhdxDriver()
     run_sync(drv.open(ImageDevice(img)))
     assert len(drv.bat) == f.bat_entry_count(200 << 30, 32 * MiB, 512)
+
+
+def test_parse_size_accepts_units_and_rejects_junk():
+    from crashsim.sizes import parse_size
+    assert [parse_size(v) for v in (4096, "64KiB", "1MiB", "2G", "1TiB", "3k")] == \
+        [4096, 65536, MiB, 2 << 30, 1 << 40, 3072]
+    for bad, why in (("-1GiB", "negative"), (-5, "negative"), ("12 parsecs", "expected"),
+                     ("", "expected"), (1.5, "expected")):
+        with pytest.raises(ValueError, match=why):
+            parse_size(bad)

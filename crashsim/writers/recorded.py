@@ -30,6 +30,26 @@ remain (space is wasted, no data is at risk: recovered), 63 the format has no ch
 refusal: this command cannot recover such an image). ``qemu-img check`` without ``-r``
 after recovery counts 1 and 2 as structure problems, for the same reasons.
 
+Built-in recovery (``{builtin: vhdx}``) opens the image as crashsim's fixed VHDX driver
+does (replay with ``FIXED_POLICY``, then region table, metadata and BAT checks), on the
+device itself, so its writes are steps ``recovery_crash`` can cut power in.
+``{builtin: none}`` does nothing (a raw image of a program with no recovery of its own).
+
+View, structure and liveness:
+
+- ``view: qemu-img``: ``qemu-img convert -O raw`` of the recovered image, then the model's
+  ranges of that file; structure is ``qemu-img check`` (no ``-r``). ``view: builtin``:
+  crashsim's VHDX driver reads the guest disk (opened on a throwaway layer, so a log an
+  external recovery left behind is replayed there and never written into the state);
+  structure is crashsim's VHDX ``validate``. A raw image is read as is and has no
+  structure to check.
+- ``probe: qemu-io`` writes 64 KiB of 0x5a with ``qemu-io`` at the last block no model
+  op touches; a non-zero exit or "failed" in its output is ``ProbeFailed`` with QEMU's
+  message. ``probe: builtin`` does the same write with crashsim's fixed driver (which
+  clears a LogGuid left set without entries on open, so it never sees QEMU's -ENOTSUP);
+  on a raw image it writes the device directly. ``probe: none`` skips liveness.
+- Every tool call is killed after ``recovery.timeout_s``.
+
 Every file lives in a private temp dir that is removed when the call returns; messages
 name the image ``image.vhdx`` rather than its temp path, so results stay reproducible.
 """

@@ -27,11 +27,13 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from ...blockdev import BlockDevice, IOGen
-from .format import (FULLY_PRESENT, HEADER_SECTION_END, HEADER_SLOTS, MiB, NOT_PRESENT,
+from .format import (FULLY_PRESENT, HEADER_SECTION_END, HEADER_SLOTS, METADATA_TABLE_BYTES,
+                     MiB, NOT_PRESENT,
                      PARTIALLY_PRESENT, REGION_TABLE_BYTES, REGION_TABLE_OFFSETS,
                      SB_PRESENT, STATE_NAMES, UNDEFINED, UNMAPPED, UNMAPPED_V095, ZERO,
                      ZERO_GUID, Metadata, Regions, VhdxCorrupt, bat_index,
-                     check_log_geometry, known_regions, pack_bat_entry, parse_bat,
+                     check_log_geometry, known_regions, metadata_bytes_needed,
+                     pack_bat_entry, parse_bat,
                      parse_metadata, parse_region_table, round_up, unpack_bat_entry)
 from .log import BlockIO, HeaderSession, LogWriter, as_io, check_signature
 from .replay import FIXED_POLICY, ReplayPolicy, ReplayResult, replay, scan_log
@@ -127,7 +129,11 @@ class VhdxDriver:
 
     def load_metadata(self) -> Metadata:
         md = self.regions.metadata
-        return parse_metadata(self.io.read(md.file_offset, md.length), md)
+        table = self.io.read(md.file_offset, min(md.length, METADATA_TABLE_BYTES))
+        need = metadata_bytes_needed(table, md)
+        if need > len(table):
+            table += self.io.read(md.file_offset + len(table), need - len(table))
+        return parse_metadata(table, md)
 
     def load_bat(self) -> list[int]:
         count = self.metadata.bat_entries

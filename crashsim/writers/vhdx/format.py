@@ -328,6 +328,19 @@ _KNOWN_ITEMS = {FILE_PARAMETERS_GUID: 8, VIRTUAL_DISK_SIZE_GUID: 8, PAGE83_GUID:
                 LOGICAL_SECTOR_GUID: 4, PHYSICAL_SECTOR_GUID: 4, PARENT_LOCATOR_GUID: 0}
 
 
+def metadata_bytes_needed(table: bytes, region: RegionEntry) -> int:
+    """How much of the metadata region holds the table and its items (so a reader
+    need not read the whole region); never more than the region."""
+    if len(table) < 32 or table[:8] != b"metadata":
+        return min(len(table), region.length)
+    _, _, count, _ = _META_HEADER.unpack_from(table)
+    end = METADATA_TABLE_BYTES
+    for i in range(min(count, (len(table) - 32) // 32)):
+        _, off, length, _, _ = _META_ENTRY.unpack_from(table, 32 + 32 * i)
+        end = max(end, off + length)
+    return min(end, region.length)
+
+
 def parse_metadata(blob: bytes, region: RegionEntry) -> Metadata:
     """Parse the metadata region (``blob`` = its bytes, at least the table and items)."""
     base = region.file_offset

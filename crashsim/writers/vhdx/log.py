@@ -345,10 +345,12 @@ def parse_entry_blob(blob: bytes) -> LogEntry:
 
 def log_write(dev: BlockDevice, offset: int, data: bytes, *,
               rng: random.Random | None = None, writer: LogWriter | None = None) -> IOGen:
-    """One logged update of the file's bytes on a clean image (a one-shot session).
+    """One logged update of the file's bytes (a one-shot session).
 
-    Pass ``writer`` to continue a session (sequence numbers and log position carry on).
-    Returns the LogWriter so a caller can pass it to the next call.
+    Without ``writer`` a session is opened: headers are read and a dirty log is replayed
+    first (fixed policy), as an open would. Pass ``writer`` to continue a session
+    (sequence numbers and log position carry on). Returns the LogWriter, to pass to the
+    next call.
     """
     if writer is None:
         from .replay import FIXED_POLICY, replay  # replay builds on this module

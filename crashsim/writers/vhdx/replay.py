@@ -114,35 +114,43 @@ class LogScan:
 
 
 # -- scanning ---------------------------------------------------------------------------
-def read_log(io: BlockIO | BlockDevice, header: Header) -> bytes:
+def check_log_in_file(io: BlockIO | BlockDevice, header: Header) -> None:
     end = header.log_offset + header.log_length
     if end > io.size_bytes:
         raise VhdxCorrupt(f"log region [{header.log_offset:#x}, {end:#x}) extends beyond the "
                           f"end of the file ({io.size_bytes} bytes)", header.log_offset,
                           "log-beyond-eof")
-    return io.read(header.log_offset, header.log_length)
+
+
+def read_entry_bytes(io: BlockIO | BlockDevice, header: Header, pos: int,
+                     length: int) -> bytes:
+    """``length`` log bytes from log-relative ``pos``, wrapping at the end of the log
+    (an entry that wraps is read in its logical order)."""
+    first = min(length, header.log_length - pos)
+    blob = io.read(header.log_offset + pos, first)
+    if first < length:
+        blob += io.read(header.log_offset, length - first)
+    return blob
 
 
 def scan_log(io: BlockIO | BlockDevice, header: Header,
              policy: ReplayPolicy = ReplayPolicy()) -> LogScan:
     """Every candidate entry, the sequences, and the active one (no writes)."""
-    log = read_log(io, header)
-    length = header.log_length
-    doubled = log + log  # an entry may wrap: read it in its logical order
+    check_log_in_file(io, header)
     cands, empty = [], 0
-    for pos in range(0, length, LOG_SECTOR):
+    for pos in range(0, header.log_length, LOG_SECTOR):
         try:
-            h = parse_log_entry_header(log[pos:pos + 64], pos)
+            h = parse_log_entry_header(io.read(header.log_offset + pos, 64), pos)
         except VhdxCorrupt:
             empty += 1
             continue
-        cands.append(_check_candidate(doubled, pos, h, header, policy))
-    runs = _build_runs([c for c in cands if c.valid], length, policy)
+        cands.append(_check_candidate(io, pos, h, header, policy))
+    runs = _build_runs([c for c in cands if c.valid], header.log_length, policy)
     return LogScan(header, cands, runs, _choose(runs, policy), empty)
 
 
-def _check_candidate(doubled: bytes, pos: int, h: LogEntryHeader, header: Header,
-                     policy: ReplayPolicy) -> Candidate:
+def _check_candidate(io: BlockIO | BlockDevice, pos: int, h: LogEntryHeader,
+                     header: Header, policy: ReplayPolicy) -> Candidate:
     cand = Candidate(pos, h)
     try:
         check_entry_header(h, log_length=header.log_length, log_guid=header.log_guid,
@@ -150,7 +158,7 @@ def _check_candidate(doubled: bytes, pos: int, h: LogEntryHeader, header: Header
     except VhdxCorrupt as exc:
         cand.reason, cand.code = exc.reason, exc.code
         return cand
-    blob = doubled[pos:pos + h.entry_length]
+    blob = read_entry_bytes(io, header, pos, h.entry_length)
     try:
         descs = parse_descriptors(blob, h, pos)
     except VhdxCorrupt as exc:
