@@ -94,4 +94,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the package so exception classes are the package's own, not __main__'s.
+    from crashsim.cli import main as package_main
+    sys.exit(package_main())

@@ -59,7 +59,7 @@ BAD = [
 
 
 def _run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "crashsim.cli", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "crashsim", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 
 

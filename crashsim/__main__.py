@@ -1,0 +1,6 @@
+"""``python -m crashsim`` runs the command line."""
+import sys
+
+from crashsim.cli import main
+
+sys.exit(main())
