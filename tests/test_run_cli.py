@@ -1,0 +1,129 @@
+"""`crashsim run`, `crashsim replay` and `pytest scenarios/` as a user runs them."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from crashsim.results import dumps
+from crashsim.runner import run_one
+from crashsim.scenario import load_scenario
+
+REPO = Path(__file__).resolve().parents[1]
+GOLD = Path(__file__).parent / "gold"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+SMALL = """\
+name: {name}
+description: a small WAL run for the CLI tests
+writer: {{kind: wal, defects: [{defects}]}}
+workload:
+  image: {{virtual_size: 1MiB, log_size: 1MiB}}
+  ops:
+    - log_write: {{offset: 0, length: 2KiB, pattern: 0xa1}}
+    - log_write: {{offset: 1KiB, length: 2KiB, pattern: 0xb2}}
+explore: {{seed: 5, max_states_per_step: 32}}
+expect: {expect}
+"""
+
+
+def _write(tmp_path: Path, name: str, defects: str = "", expect: str = "pass") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(SMALL.format(name=name, defects=defects, expect=expect))
+    return path
+
+
+def _crashsim(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "crashsim", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_run_writes_index_pages_figures_json_and_junit(tmp_path):
+    good = _write(tmp_path, "small-clean")
+    bad = _write(tmp_path, "small-defect", "commit-before-data-flush",
+                 "{violations: [mixed]}")
+    out = tmp_path / "reports"
+    proc = _crashsim("run", str(good), str(bad), "--out", str(out), "--workers", "2",
+                     cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("PASS ") == 2  # one line per scenario off a terminal
+    assert (out / "index.html").read_text().count("small-") >= 2
+    for name in ("small-clean", "small-defect"):
+        page = out / name
+        assert (page / "index.html").exists()
+        pngs = sorted(page.glob("*.png"))
+        assert len(pngs) >= 4
+        assert all(p.read_bytes().startswith(PNG) for p in pngs)
+        json.loads((page / "results.json").read_text())
+    cases = ET.parse(out / "junit.xml").getroot().iter("testcase")
+    assert sorted(c.get("name") for c in cases) == ["small-clean", "small-defect"]
+
+
+def test_unmet_expectation_exits_1_and_junit_names_the_state(tmp_path):
+    bad = _write(tmp_path, "surprise", "commit-before-data-flush")
+    out = tmp_path / "reports"
+    proc = _crashsim("run", str(bad), "--out", str(out), "--workers", "1", cwd=tmp_path)
+    assert proc.returncode == 1
+    failure = ET.parse(out / "junit.xml").getroot().find(".//failure")
+    assert failure is not None and "crashsim replay" in failure.get("message", "") + \
+        (failure.text or "")
+
+
+def test_replay_rebuilds_the_minimal_state_and_writes_the_image(tmp_path):
+    bad = _write(tmp_path, "replay-me", "commit-before-data-flush",
+                 "{violations: [mixed]}")
+    res = run_one(load_scenario(bad), str(bad))
+    v = next(v for v in res["violations"] if v["class"] == "mixed")
+    image = tmp_path / "crashed.img"
+    proc = _crashsim("replay", v["minimal_state_id"], "--scenario", str(bad),
+                     "--write-image", str(image), cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert f"state {v['minimal_state_id']}" in proc.stdout and ": mixed" in proc.stdout
+    assert "expected 0x" in proc.stdout  # the diff
+    assert image.stat().st_size > 0
+
+
+def test_replay_of_a_malformed_state_id_is_an_input_error(tmp_path):
+    sc = _write(tmp_path, "ids")
+    proc = _crashsim("replay", "p9999:w1", "--scenario", str(sc), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_pytest_plugin_runs_scenarios_and_reports_a_violation(tmp_path):
+    folder = tmp_path / "scenarios"
+    folder.mkdir()
+    _write(folder, "fine")
+    _write(folder, "broken", "ack-before-commit-flush")
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(folder), "-q",
+                           "-p", "no:cacheprovider"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout
+    assert "1 failed, 1 passed" in proc.stdout
+    assert "first violation: lost at state p" in proc.stdout
+    assert "crashsim replay" in proc.stdout
+
+
+def _scrub(text: str) -> dict:
+    data = json.loads(text)
+    data["crashsim_version"] = "X"
+    data["scenario"]["path"] = "X"
+    for v in data["violations"]:
+        v["replay_command"] = v["replay_command"].split(" --scenario ")[0]
+    return data
+
+
+def test_results_json_matches_the_gold_file(tmp_path):
+    path = _write(tmp_path, "gold-small", "commit-before-data-flush",
+                  "{violations: [mixed]}")
+    got = _scrub(dumps(run_one(load_scenario(path), str(path))))
+    gold_file = GOLD / "gold-small.results.json"
+    if os.environ.get("CRASHSIM_UPDATE_GOLD"):
+        gold_file.write_text(json.dumps(got, indent=1) + "\n")
+    assert got == json.loads(gold_file.read_text())
