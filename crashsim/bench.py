@@ -1,0 +1,95 @@
+"""``crashsim bench``: the standard benchmark, printed as figures (or one JSON object).
+
+Workload: the fixed ``vhdx`` writer, N allocating 64 KiB guest writes on a 1 GiB image,
+512-byte atomicity, the full oracle (recovery, view, structure, liveness probe). The
+external pipeline it is compared with is what people do today: write each crash image to
+a file, run ``qemu-img check -r all``, then ``qemu-img convert`` and compare.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+
+from .explore import build_context, explore_all
+from .external import private_tempdir, run_command
+from .scenario import Scenario
+
+MiB = 1 << 20
+
+
+def bench_scenario(writes: int, budget: int = 64) -> Scenario:
+    ops = [{"guest_write": {"offset": (i * 37 % 1000) * MiB, "length": 64 * 1024,
+                            "pattern": 1 + i % 255}} for i in range(writes)]
+    return Scenario.model_validate({
+        "name": f"bench-{writes}", "writer": {"kind": "vhdx"},
+        "device": {"atomic_write_bytes": 512},
+        "workload": {"image": {"virtual_size": 1 << 30}, "ops": ops},
+        "explore": {"seed": 1, "max_states_per_step": budget, "shrink": False}})
+
+
+def _explore(sc: Scenario, workers: int) -> tuple[int, float]:
+    ctx = build_context(sc)
+    t0 = time.perf_counter()
+    steps = explore_all(ctx, workers)
+    return sum(s.explored for s in steps), time.perf_counter() - t0
+
+
+def _qemu_img_rate(sc: Scenario, sample: int) -> float | None:
+    """Crash states per second through materialise + qemu-img check + convert + compare."""
+    if not shutil.which("qemu-img"):
+        return None
+    from . import crashstates
+    ctx = build_context(sc)
+    states = []
+    for st in crashstates.iter_steps(ctx.trace):
+        states += crashstates.enumerate_states(st, 2, 1)[:1]
+    states = states[:: max(1, len(states) // sample)][:sample]
+    t0 = time.perf_counter()
+    with private_tempdir("crashsim-bench-") as tmp:
+        for cs in states:
+            img, raw = Path(tmp) / "s.vhdx", Path(tmp) / "s.raw"
+            cs.image.to_file(img)
+            run_command(["qemu-img", "check", "-q", "-r", "all", "{image}"],
+                        placeholders={"image": str(img)}, timeout_s=60)
+            run_command(["qemu-img", "convert", "-O", "raw", "{image}", "{raw}"],
+                        placeholders={"image": str(img), "raw": str(raw)}, timeout_s=60)
+            with open(raw, "rb") as f:
+                for off, n in ctx.model.ranges:
+                    f.seek(off)
+                    f.read(n)
+    return len(states) / (time.perf_counter() - t0)
+
+
+def run_bench(as_json: bool = False, quick: bool = False) -> int:
+    writes = 5 if quick else 20
+    sc = bench_scenario(writes)
+    explored, secs = _explore(sc, 1)
+    rate = explored / secs
+    explored2, secs2 = _explore(sc, 2)
+    qemu_rate = _qemu_img_rate(sc, 5 if quick else 20)
+    scaling = {}
+    for n in ([2, 5] if quick else [10, 20, 40, 80]):
+        e, s = _explore(bench_scenario(n), 1)
+        scaling[str(n)] = {"states": e, "seconds": round(s, 3),
+                           "states_per_second": round(e / s, 1)}
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    figures = {
+        "workload": f"vhdx, {writes} allocating 64KiB writes, 1GiB image, 512B atomic",
+        "states_checked": explored,
+        "states_per_second_per_core": round(rate, 1),
+        "qemu_img_states_per_second": None if qemu_rate is None else round(qemu_rate, 2),
+        "speedup_vs_qemu_img": None if qemu_rate is None else round(rate / qemu_rate, 1),
+        "parallel_speedup": round((explored2 / secs2) / rate, 2),
+        "scaling_by_writes": scaling,
+        "peak_rss_mib": round(peak, 1),
+    }
+    if as_json:
+        print(json.dumps(figures))
+    else:
+        for key, value in figures.items():
+            print(f"{key}: {value}")
+    return 0

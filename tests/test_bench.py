@@ -1,0 +1,17 @@
+"""The benchmark runs and reports every figure design §6 names (values are not asserted)."""
+import json
+import subprocess
+import sys
+
+KEYS = {"states_per_second_per_core", "qemu_img_states_per_second", "speedup_vs_qemu_img",
+        "parallel_speedup", "peak_rss_mib"}
+
+
+def test_bench_json_has_every_key(require_qemu):
+    proc = subprocess.run([sys.executable, "-m", "crashsim", "bench", "--json", "--quick"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout)
+    assert KEYS <= set(figures)
+    assert figures["states_checked"] > 0
+    assert figures["qemu_img_states_per_second"] is not None
