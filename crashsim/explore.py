@@ -133,7 +133,7 @@ def _explore_step(ctx: Context, st) -> StepResult:
     garbage = "garbage" in ctx.scenario.device.faults
     states = crashstates.enumerate_states(st, ex.max_states_per_step, ex.seed,
                                           garbage=garbage)
-    res.skipped = max(0, min(st.legal_count, 10**18) - len(states))
+    res.skipped = max(0, st.legal_count - len(states))
     for cs in states:
         key = _key(cs)
         verdict = ctx.judge.judge(cs.image, acked, started, key=key)

@@ -32,7 +32,10 @@ def build_results(ctx: Context, steps: list[StepResult], scenario_path: str,
         "scenario": _scenario_block(sc, scenario_path),
         "verdict": "pass" if expect_met(sc, found) and complete else "fail",
         "complete": complete,
-        "skipped_states": sum(s.skipped for s in steps),
+        # Legal states not explored (budget): exact, or null when beyond 10^18 (see
+        # skipped_states_log10). A run never claims full coverage it did not have.
+        "skipped_states": _legal([s.skipped for s in steps])[0],
+        "skipped_states_log10": _legal([s.skipped for s in steps])[1],
         "workload_error": ctx.trace.failed,
         "totals": totals,
         "per_step": [_step_block(ctx, s) for s in steps],

@@ -7,6 +7,7 @@ from typing import Any
 
 BUILTIN = {
     "vhdx": "crashsim.writers.vhdx.writer:VhdxWriter",
+    "vhdx-qemu": "crashsim.writers.vhdx.variants:VhdxQemuWriter",
 }
 
 

@@ -29,6 +29,25 @@ from .driver import VhdxDriver, validate
 from .format import FULLY_PRESENT, MiB, bat_entry_count, round_up
 from .replay import FIXED_POLICY, ReplayPolicy
 
+# Defect switches: each a realistic mistake, wired in variants.py (step overrides or a
+# ReplayPolicy flip).
+DEFECTS: dict[str, str] = {
+    "no-flush-after-log": "the entry is not flushed before the in-place apply starts",
+    "clear-guid-before-apply-flush": "applied sectors are written without a flush and the "
+                                     "LogGuid is cleared before they are durable",
+    "fua-as-barrier": "the last entry sector is written with FUA instead of flushing the "
+                      "entry, as if FUA ordered the earlier entry sectors",
+    "replay-skips-checksum": "replay does not verify the entry checksum",
+    "bad-partial-merge": "a partial 4 KiB log sector is zero-filled instead of read-merged "
+                         "from the file",
+    "guid-after-apply": "the LogGuid is published only after the in-place apply (the entry "
+                        "never protects the apply)",
+    "ack-before-flush": "a guest write is acknowledged before the guest flush",
+    "bat-before-data": "the BAT entry is logged before the guest data is written",
+    "apply-before-log": "the update is written in place before the log entry",
+    "no-apply": "the entry is flushed but never applied in place; the LogGuid is cleared",
+}
+
 PROBE_BYTES = 4096
 PROBE_PATTERN = 0x5A
 
@@ -36,7 +55,7 @@ PROBE_PATTERN = 0x5A
 class VhdxWriter:
     kind: ClassVar[str] = "vhdx"
     op_kinds: ClassVar[frozenset[str]] = frozenset({"guest_write", "log_write"})
-    defects_available: ClassVar[dict[str, str]] = {}
+    defects_available: ClassVar[dict[str, str]] = DEFECTS
     recovery_policy: ClassVar[ReplayPolicy] = FIXED_POLICY
     driver_class: ClassVar[type[VhdxDriver]] = VhdxDriver
 
@@ -53,6 +72,10 @@ class VhdxWriter:
                              f"ops, not {sorted(kinds)}")
         self.ops = ops
         self.defects = frozenset(defects)
+        if self.defects:
+            from .variants import defect_driver_class, defect_policy  # variants subclass us
+            self.driver_class = defect_driver_class(self.defects)
+            self.recovery_policy = defect_policy(self.recovery_policy, self.defects)
         self.seed = seed
         self.op_kind = next(iter(kinds), "guest_write")
         self.virtual_size = parse_size(image.get("virtual_size", 64 * MiB))
@@ -89,6 +112,11 @@ class VhdxWriter:
         yield from drv.open(dev, policy=self.recovery_policy)
         for i, op in enumerate(self.ops):
             tx.start(i)
+            if "ack-before-flush" in self.defects and op.kind == "guest_write":
+                yield from drv.write(op.offset, op.data())
+                tx.ack(i)  # the defect: the guest flush has not happened yet
+                yield from drv.flush()
+                continue
             yield from self.apply_op(drv, op)
             tx.ack(i)
 

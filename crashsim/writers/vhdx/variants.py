@@ -1,0 +1,154 @@
+"""Variants of the VHDX writer: the defect switches of ``vhdx`` and the other protocol kinds.
+
+This module owns every deliberate departure from the fixed protocol:
+
+* ``DEFECTS``: the ``vhdx`` writer's defect switches. Each one is a realistic mistake,
+  wired either by a ``LogWriter``/``VhdxDriver`` step override (``DefectLogWriter``,
+  ``defect_driver_class``) or by flipping a ``ReplayPolicy`` field (``defect_policy``).
+* ``VhdxQemuWriter`` (kind ``vhdx-qemu``): today's QEMU protocol recovered with QEMU's
+  replay (quirks, LogGuid left set without entries), which gets stuck (format note §8).
+"""
+from __future__ import annotations
+
+import dataclasses
+import struct
+from typing import ClassVar
+
+from ...blockdev import IOGen
+from .driver import Extent, VhdxDriver
+from .format import FULLY_PRESENT, LOG_SECTOR, SectorUpdate, pack_bat_entry, round_up
+from .log import LogWriter, sector_updates
+from .replay import QEMU_POLICY, ReplayPolicy
+from .writer import VhdxWriter
+
+DEFECTS = VhdxWriter.defects_available
+
+# defects that are a flip of a replay policy field
+_POLICY_FLIPS = {"replay-skips-checksum": {"verify_checksum": False}}
+
+
+def defect_policy(base: ReplayPolicy, defects: frozenset[str]) -> ReplayPolicy:
+    changes: dict[str, bool] = {}
+    for name in sorted(defects & set(_POLICY_FLIPS)):
+        changes.update(_POLICY_FLIPS[name])
+    return dataclasses.replace(base, **changes) if changes else base
+
+
+def zero_filled_updates(offset: int, data: bytes) -> list[SectorUpdate]:
+    """The mistaken merge: bytes of a partial sector outside the write become zeros."""
+    start = offset - offset % LOG_SECTOR
+    end = round_up(offset + len(data), LOG_SECTOR)
+    buf = bytearray(end - start)
+    buf[offset - start:offset - start + len(data)] = data
+    return [SectorUpdate(start + pos, bytes(buf[pos:pos + LOG_SECTOR]))
+            for pos in range(0, len(buf), LOG_SECTOR)]
+
+
+class DefectLogWriter(LogWriter):
+    """``LogWriter`` with the log-side defects of ``defects`` switched on."""
+
+    defects: ClassVar[frozenset[str]] = frozenset()
+
+    def log_write(self, offset: int, data: bytes) -> IOGen:
+        if "bad-partial-merge" in self.defects:
+            updates = zero_filled_updates(offset, data)
+        else:
+            updates = sector_updates(self.io, offset, data)
+        if "apply-before-log" in self.defects:
+            for u in updates:  # the update in place first, as if the log were a formality
+                yield from self.io.write(u.file_offset, u.data or bytes(u.zero_length))
+        self.check_fits(updates)
+        yield from self.flush_data()
+        yield from self.headers.user_visible_write(self.io)
+        yield from self.append(updates)
+        yield from self.flush_log()
+        yield from self.checkpoint()
+
+    def publish_log_guid(self) -> IOGen:
+        if "guid-after-apply" in self.defects and not getattr(self, "_late", False):
+            return
+        yield from super().publish_log_guid()
+
+    def write_entry_sectors(self, blob: bytes) -> IOGen:
+        if "fua-as-barrier" not in self.defects:
+            yield from super().write_entry_sectors(blob)
+            return
+        pos = self.write_pos
+        last = len(blob) - LOG_SECTOR
+        for i in range(0, len(blob), LOG_SECTOR):
+            self.io.dirty = True
+            yield from self.io.dev.write(self.log_offset + pos, blob[i:i + LOG_SECTOR],
+                                         fua=i == last)
+            pos = (pos + LOG_SECTOR) % self.log_length
+        self.io.dirty = False  # the FUA is taken as the barrier: no flush follows
+
+    def flush_log(self) -> IOGen:
+        if self.defects & {"no-flush-after-log", "fua-as-barrier"}:
+            return
+        yield from super().flush_log()
+
+    def checkpoint(self) -> IOGen:
+        if not self.pending:
+            return
+        if "no-apply" in self.defects:
+            yield from self.io.flush()
+            yield from self.clear_log_guid()
+            self._done()
+            return
+        if self.defects & {"clear-guid-before-apply-flush", "guid-after-apply"}:
+            yield from self._unsynced_checkpoint()
+            return
+        yield from super().checkpoint()
+
+    def _unsynced_checkpoint(self) -> IOGen:
+        for _, entry in self.pending:
+            for file_offset, what in entry.writes():
+                blob = what if isinstance(what, bytes) else bytes(what)
+                yield from self.io.write(file_offset, blob)
+        yield from self.extend_file()
+        if "guid-after-apply" in self.defects:
+            self._late = True
+            yield from self.publish_log_guid()
+            self._late = False
+            yield from self.io.flush()
+        yield from self.clear_log_guid()
+        yield from self.io.flush()
+        self._done()
+
+    def _done(self) -> None:
+        self.pending.clear()
+        self.read_pos = self.write_pos
+
+
+class DefectDriver(VhdxDriver):
+    """``VhdxDriver`` with the driver-side defects of ``defects`` switched on."""
+
+    defects: ClassVar[frozenset[str]] = frozenset()
+
+    def allocate_and_write(self, ext: Extent, piece: bytes) -> IOGen:
+        if "bat-before-data" not in self.defects:
+            yield from super().allocate_and_write(ext, piece)
+            return
+        new_offset = self.allocate_block()
+        idx = self.bat_index_of(ext.block)
+        entry = pack_bat_entry(FULLY_PRESENT, new_offset)
+        self.bat[idx] = entry
+        yield from self.log.log_write(self.bat_entry_offset(idx), struct.pack("<Q", entry))
+        yield from self.write_data(new_offset + ext.block_offset, piece)
+
+
+def defect_driver_class(defects: frozenset[str]) -> type[VhdxDriver]:
+    """A driver class whose steps carry ``defects`` (the plain driver when empty)."""
+    if not defects:
+        return VhdxDriver
+    log_cls = type("DefectLogWriter", (DefectLogWriter,), {"defects": defects})
+    return type("DefectDriver", (DefectDriver,),
+                {"defects": defects, "log_writer_class": log_cls})
+
+
+class VhdxQemuWriter(VhdxWriter):
+    """Today's QEMU protocol and QEMU's recovery: a LogGuid left set without entries
+    stays set, so the next logged write is refused (-ENOTSUP) and the image is stuck."""
+
+    kind: ClassVar[str] = "vhdx-qemu"
+    recovery_policy: ClassVar[ReplayPolicy] = QEMU_POLICY
