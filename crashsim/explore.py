@@ -11,7 +11,7 @@ import math
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from . import crashstates
 from .blockdev import ImageDevice, run_sync
@@ -114,14 +114,18 @@ def build_context(scenario: Scenario, trace: Trace | None = None) -> Context:
 # -- judging the states of a chunk of steps -------------------------------------------
 
 def explore_steps(ctx: Context, steps: Iterable[int]) -> list[StepResult]:
+    return list(iter_results(ctx, steps))
+
+
+def iter_results(ctx: Context, steps: Iterable[int]) -> Iterator[StepResult]:
+    """Judge the wanted crash points; the trace is walked once, up to the last of them."""
     wanted = set(steps)
-    out = []
+    last = max(wanted, default=-1)
     for st in crashstates.iter_steps(ctx.trace):
         if st.p in wanted:
-            out.append(_explore_step(ctx, st))
-        if st.p >= max(wanted, default=-1):
+            yield _explore_step(ctx, st)
+        if st.p >= last:
             break
-    return out
 
 
 def _explore_step(ctx: Context, st) -> StepResult:
@@ -211,8 +215,12 @@ def _run_chunk(steps: list[int]) -> list[StepResult]:
 
 
 def chunks(n_points: int, workers: int) -> list[list[int]]:
-    """Interleaved chunks of crash points, so late (costlier) steps spread evenly."""
-    size = max(1, min(16, math.ceil(n_points / (workers * 4))))
+    """Contiguous chunks of crash points, a few per worker for balance.
+
+    Each chunk walks the trace from its start up to its last point, so few chunks keep
+    that walk cheap while several per worker even out the load.
+    """
+    size = max(1, math.ceil(n_points / (workers * 4)))
     return [list(range(i, min(i + size, n_points))) for i in range(0, n_points, size)]
 
 
@@ -230,8 +238,8 @@ def explore_all(ctx: Context, workers: int = 1,
             if progress:
                 progress(len(results), n_points)
     elif workers <= 1:
-        for part in parts:
-            results += explore_steps(ctx, part)
+        for res in iter_results(ctx, range(n_points)):
+            results.append(res)
             if progress:
                 progress(len(results), n_points)
     else:
