@@ -70,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     command: Callable[[argparse.Namespace], int] = _COMMANDS[args.vhdx_command]
     try:
         return command(args)
+    except BrokenPipeError:  # the reader (e.g. head) went away: not the image's fault
+        return 0
     except (RecoveryError, CliError, ValueError, OSError) as exc:
         print(f"crashsim: error: {args.image}: {_reason(exc)}", file=sys.stderr)
         return EXIT_INPUT

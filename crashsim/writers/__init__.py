@@ -8,6 +8,7 @@ from typing import Any
 BUILTIN = {
     "vhdx": "crashsim.writers.vhdx.writer:VhdxWriter",
     "vhdx-qemu": "crashsim.writers.vhdx.variants:VhdxQemuWriter",
+    "vhdx-2013": "crashsim.writers.vhdx.variants:Vhdx2013Writer",
 }
 
 

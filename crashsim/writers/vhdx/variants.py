@@ -7,6 +7,8 @@ This module owns every deliberate departure from the fixed protocol:
   ``defect_driver_class``) or by flipping a ``ReplayPolicy`` field (``defect_policy``).
 * ``VhdxQemuWriter`` (kind ``vhdx-qemu``): today's QEMU protocol recovered with QEMU's
   replay (quirks, LogGuid left set without entries), which gets stuck (format note §8).
+* ``Vhdx2013Writer`` (kind ``vhdx-2013``): the log write of the 2013 patch review
+  (shared/seed/vhdx-log-write-patch-review-2013.txt), its defects included.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ from typing import ClassVar
 
 from ...blockdev import IOGen
 from .driver import Extent, VhdxDriver
-from .format import FULLY_PRESENT, LOG_SECTOR, SectorUpdate, pack_bat_entry, round_up
-from .log import LogWriter, sector_updates
+from .format import (FULLY_PRESENT, LOG_SECTOR, ZERO_GUID, SectorUpdate, build_log_entry,
+                     pack_bat_entry, round_up)
+from .log import LogBusy, LogWriter, new_guid, parse_entry_blob, sector_updates
 from .replay import QEMU_POLICY, ReplayPolicy
 from .writer import VhdxWriter
 
@@ -152,3 +155,111 @@ class VhdxQemuWriter(VhdxWriter):
 
     kind: ClassVar[str] = "vhdx-qemu"
     recovery_policy: ClassVar[ReplayPolicy] = QEMU_POLICY
+
+
+# -- vhdx-2013: the log write of the 2013 patch review, defects included ------------------
+class EntryLost(ValueError):
+    """The 2013 log write returned an error after writing part or all of its entry."""
+
+
+def merge_2013(io, offset: int, data: bytes) -> list[SectorUpdate]:
+    """The patch's sector split, bugs kept: every sector is a data sector, and the
+    trailing partial sector reads the file from the sector's *start* into the bytes after
+    the new data (``bdrv_pread(file_offset, merged + trailing, 4096 - trailing)``), so
+    the rest of that sector shifts by ``trailing`` bytes."""
+    sector_offset = offset % LOG_SECTOR
+    file_offset = offset - sector_offset
+    length = len(data)
+    leading = min(LOG_SECTOR - sector_offset, length) if sector_offset else 0
+    aligned = length - leading
+    sectors, trailing = divmod(aligned, LOG_SECTOR)
+    count = sectors + (1 if leading else 0) + (1 if trailing else 0)
+    out, pos = [], 0
+    for i in range(count):
+        if i == 0 and leading:
+            merged = bytearray(io.read(file_offset, LOG_SECTOR))
+            merged[sector_offset:sector_offset + leading] = data[:leading]
+            n = leading
+        elif i == count - 1 and trailing:
+            merged = bytearray(data[pos:pos + trailing])
+            merged += io.read(file_offset, LOG_SECTOR - trailing)
+            n = trailing
+        else:
+            merged, n = bytearray(data[pos:pos + LOG_SECTOR]), LOG_SECTOR
+        out.append(SectorUpdate(file_offset, bytes(merged)))
+        pos += n
+        file_offset += LOG_SECTOR
+    return out
+
+
+class Log2013Writer(LogWriter):
+    """``vhdx_log_write_and_flush`` as posted for review on 2013-07-24.
+
+    Kept from the seed: no flush before the entry; a set LogGuid sets -ENOTSUP but falls
+    through (the next ``bdrv_pread`` of a partial sector overwrites ``ret``); Tail is the
+    session's ``log.tail`` (the end of the previous entry, 0 after open); Flushed- and
+    LastFileOffset are the file length; each log sector is ``bdrv_pwrite_sync`` (write +
+    flush); a full log stops the write part-way and the error is returned only after
+    the partial entry is on disk; ``vhdx_log_write_sectors``' own error is ignored.
+    Taken from QEMU of that time where the seed stops: ``vhdx_log_flush`` applies each
+    sector with ``bdrv_pwrite_sync``, flushes, then clears LogGuid (``LogWriter.
+    checkpoint``); positions start at 0 on open.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.tail = 0
+
+    def log_write(self, offset: int, data: bytes) -> IOGen:
+        if len(data) > self.log_length:
+            raise EntryLost(f"log write of {len(data)} bytes exceeds the log (-EINVAL)")
+        ret_enotsup = False
+        if self.headers.log_guid == ZERO_GUID:
+            yield from self.headers.update_both(self.io, log_guid=new_guid(self.headers.rng))
+        else:
+            ret_enotsup = True  # -ENOTSUP, but no goto: the write goes on
+        updates = merge_2013(self.io, offset, data)
+        if offset % LOG_SECTOR or len(data) % LOG_SECTOR:
+            ret_enotsup = False  # the partial sector's bdrv_pread overwrote ret
+        blob = build_log_entry(sequence_number=self.sequence, tail=self.tail,
+                               log_guid=self.headers.log_guid,
+                               flushed_file_offset=self.io.size_bytes,
+                               last_file_offset=self.io.size_bytes, updates=updates)
+        yield from self.headers.user_visible_write(self.io)
+        written = yield from self._write_sectors(blob)
+        if ret_enotsup:
+            raise LogBusy("LogGuid was set: the entry was written, then -ENOTSUP",
+                          0, "log-busy")
+        if written != len(blob) // LOG_SECTOR:
+            raise EntryLost(f"log full after {written} of {len(blob) // LOG_SECTOR} "
+                            f"sectors (-EINVAL, the partial entry stays in the log)")
+        self.pending.append((self.write_pos, parse_entry_blob(blob)))
+        self.sequence += 1
+        self.tail = self.write_pos
+        yield from self.checkpoint()
+
+    def _write_sectors(self, blob: bytes) -> IOGen:
+        """vhdx_log_write_sectors: write+flush per sector, stop when the log is full."""
+        written, write = 0, self.write_pos
+        for i in range(0, len(blob), LOG_SECTOR):
+            offset = self.log_offset + write
+            nxt = (write + LOG_SECTOR) % self.log_length
+            if nxt == self.read_pos:
+                break  # full
+            yield from self.io.write_sync(offset, blob[i:i + LOG_SECTOR])
+            write = self.write_pos = nxt
+            written += 1
+        return written
+
+
+class Vhdx2013Driver(VhdxDriver):
+    log_writer_class = Log2013Writer
+
+
+class Vhdx2013Writer(VhdxWriter):
+    """The 2013 patch's log write under QEMU's recovery of the time (quirks; a LogGuid
+    left set without entries stays set)."""
+
+    kind: ClassVar[str] = "vhdx-2013"
+    recovery_policy: ClassVar[ReplayPolicy] = QEMU_POLICY
+    driver_class: ClassVar[type[VhdxDriver]] = Vhdx2013Driver
