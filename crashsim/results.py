@@ -156,7 +156,7 @@ def _violation(ctx: Context, f: Failure, path: str) -> dict[str, Any]:
     acked, started = ctx.trace.acked(f.step), ctx.trace.started(f.step)
     verdict = ctx.judge.judge(minimal.image, acked, started)
     actual = ctx.judge.view_of(minimal.image)
-    expected = _closest_expected(ctx, actual, acked, started)
+    expected = closest_expected(ctx, actual, acked, started)
     block = ctx.scenario.workload.image.block_size
     return {
         "class": f.outcome, "state_id": f.state_id,
@@ -172,7 +172,7 @@ def _violation(ctx: Context, f: Failure, path: str) -> dict[str, Any]:
     }
 
 
-def _closest_expected(ctx: Context, actual: bytes | None, acked: int,
+def closest_expected(ctx: Context, actual: bytes | None, acked: int,
                       started: int) -> bytes:
     """The allowed model view nearest to what recovery produced, to diff against."""
     top = min(started, len(ctx.model.ops))

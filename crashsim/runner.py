@@ -105,9 +105,10 @@ def replay_state(state_id: str, scenario_path: Path, write_image: Path | None) -
         print(f"  {verdict.detail}")
     for line in verdict.examined.recovery.decisions:
         print(f"  recovery: {line}")
-    if not verdict.passed:
+    if verdict.outcome in ("mixed", "lost", "recovery-error"):
+        from .results import closest_expected
         actual = ctx.judge.view_of(state.image)
-        expected = ctx.model.view_after(min(started, len(ctx.model.ops)))
+        expected = closest_expected(ctx, actual, acked, started)
         print(view_diff(ctx.model, expected, actual, sc.workload.image.block_size))
     return EXIT_OK if verdict.passed else EXIT_FAIL
 

@@ -293,3 +293,17 @@ def test_qemu_leaves_a_published_log_guid_stuck_and_crashsim_resets_it(require_q
     by_us = ctx_b.judge.judge(cs.image, acked, started)
     assert by_us.outcome == "old"
     assert "guid-reset" in by_us.examined.recovery.branches
+
+
+def test_shipped_qemu_scenario_finds_stuck_states_with_real_qemu(require_qemu):
+    """scenarios/qemu-vhdx-blklogwrites.yaml as shipped: real qemu-io, qemu-img check,
+    convert and qemu-io liveness on every explored state; QEMU 7.2 leaves stuck images."""
+    from crashsim.runner import run_one
+    from crashsim.scenario import load_scenario
+    path = Path(__file__).resolve().parents[1] / "scenarios" / "qemu-vhdx-blklogwrites.yaml"
+    res = run_one(load_scenario(path), str(path), workers=2)
+    assert res["verdict"] == "pass"  # its expect names stuck
+    assert res["violation_counts"]["stuck"] > 0
+    assert all(s["explored"] >= 1 for s in res["per_step"])  # every step explored
+    stuck = next(v for v in res["violations"] if v["class"] == "stuck")
+    assert "Operation not supported" in stuck["detail"]
