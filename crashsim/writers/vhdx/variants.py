@@ -2,7 +2,8 @@
 
 This module owns every deliberate departure from the fixed protocol:
 
-* ``DEFECTS``: the ``vhdx`` writer's defect switches. Each one is a realistic mistake,
+* the wiring of the ``vhdx`` writer's defect switches (named and described in
+  ``writer.py``, ``VhdxWriter.defects_available``). Each one is a realistic mistake,
   wired either by a ``LogWriter``/``VhdxDriver`` step override (``DefectLogWriter``,
   ``defect_driver_class``) or by flipping a ``ReplayPolicy`` field (``defect_policy``).
 * ``VhdxQemuWriter`` (kind ``vhdx-qemu``): today's QEMU protocol recovered with QEMU's
@@ -20,7 +21,7 @@ from ...blockdev import IOGen
 from .driver import Extent, VhdxDriver
 from .format import (FULLY_PRESENT, LOG_SECTOR, ZERO_GUID, SectorUpdate, build_log_entry,
                      pack_bat_entry, round_up)
-from .log import LogBusy, LogWriter, new_guid, parse_entry_blob, sector_updates
+from .log import BlockIO, LogBusy, LogWriter, new_guid, parse_entry_blob, sector_updates
 from .replay import QEMU_POLICY, ReplayPolicy
 from .writer import VhdxWriter
 
@@ -51,6 +52,7 @@ class DefectLogWriter(LogWriter):
     """``LogWriter`` with the log-side defects of ``defects`` switched on."""
 
     defects: ClassVar[frozenset[str]] = frozenset()
+    _late = False  # guid-after-apply: True while the late LogGuid publish runs
 
     def log_write(self, offset: int, data: bytes) -> IOGen:
         if "bad-partial-merge" in self.defects:
@@ -68,7 +70,7 @@ class DefectLogWriter(LogWriter):
         yield from self.checkpoint()
 
     def publish_log_guid(self) -> IOGen:
-        if "guid-after-apply" in self.defects and not getattr(self, "_late", False):
+        if "guid-after-apply" in self.defects and not self._late:
             return
         yield from super().publish_log_guid()
 
@@ -162,7 +164,7 @@ class EntryLost(ValueError):
     """The 2013 log write returned an error after writing part or all of its entry."""
 
 
-def merge_2013(io, offset: int, data: bytes) -> list[SectorUpdate]:
+def merge_2013(io: BlockIO, offset: int, data: bytes) -> list[SectorUpdate]:
     """The patch's sector split, bugs kept: every sector is a data sector, and the
     trailing partial sector reads the file from the sector's *start* into the bytes after
     the new data (``bdrv_pread(file_offset, merged + trailing, 4096 - trailing)``), so
