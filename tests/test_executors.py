@@ -1,0 +1,34 @@
+"""Serial, process-pool and Dask LocalCluster runs give byte-identical results.json."""
+from __future__ import annotations
+
+import pytest
+
+from crashsim.results import dumps
+from crashsim.runner import run_one
+from crashsim.scenario import load_scenario
+
+SCENARIO = """\
+name: executors
+device: {cache: {destage: random}}
+writer: {kind: wal, defects: [commit-before-data-flush]}
+workload:
+  image: {virtual_size: 1MiB, log_size: 1MiB}
+  ops:
+    - log_write: {offset: 0, length: 2KiB, pattern: 0xa1}
+    - log_write: {offset: 1KiB, length: 2KiB, pattern: 0xb2}
+explore: {seed: 9, max_states_per_step: 32}
+expect: {violations: [mixed]}
+"""
+
+
+def test_serial_process_and_dask_results_are_identical(tmp_path):
+    pytest.importorskip("dask.distributed")
+    path = tmp_path / "executors.yaml"
+    path.write_text(SCENARIO)
+    sc = load_scenario(path)
+    serial = dumps(run_one(sc, str(path), workers=1))
+    pool = dumps(run_one(sc, str(path), workers=2))
+    dask = dumps(run_one(sc, str(path), workers=2, executor="dask"))
+    assert serial == pool
+    assert serial == dask
+    assert '"mixed": 0' not in serial
