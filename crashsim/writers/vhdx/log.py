@@ -241,13 +241,23 @@ class LogWriter:
     # -- the whole protocol ---------------------------------------------------------------
     def log_write(self, offset: int, data: bytes) -> IOGen:
         """Atomically replace file bytes [offset, offset+len(data)) through the log."""
-        updates = sector_updates(self.io, offset, data)
+        updates = self.updates_for(offset, data)
+        yield from self.before_log(updates)
         self.check_fits(updates)
         yield from self.flush_data()
         yield from self.headers.user_visible_write(self.io)
         yield from self.append(updates)
         yield from self.flush_log()
         yield from self.checkpoint()
+
+    # Variants replace these two steps: how updates are merged, and what (if anything)
+    # is written before the log entry.
+    def updates_for(self, offset: int, data: bytes) -> list[SectorUpdate]:
+        return sector_updates(self.io, offset, data)
+
+    def before_log(self, updates: list[SectorUpdate]) -> IOGen:
+        return
+        yield
 
     def check_fits(self, updates: list[SectorUpdate]) -> None:
         if self.log_length == 0:

@@ -21,7 +21,7 @@ from ...blockdev import IOGen
 from .driver import Extent, VhdxDriver
 from .format import (FULLY_PRESENT, LOG_SECTOR, ZERO_GUID, SectorUpdate, build_log_entry,
                      pack_bat_entry, round_up)
-from .log import BlockIO, LogBusy, LogWriter, new_guid, parse_entry_blob, sector_updates
+from .log import BlockIO, LogBusy, LogWriter, new_guid, parse_entry_blob
 from .replay import QEMU_POLICY, ReplayPolicy
 from .writer import VhdxWriter
 
@@ -54,20 +54,15 @@ class DefectLogWriter(LogWriter):
     defects: ClassVar[frozenset[str]] = frozenset()
     _late = False  # guid-after-apply: True while the late LogGuid publish runs
 
-    def log_write(self, offset: int, data: bytes) -> IOGen:
+    def updates_for(self, offset: int, data: bytes) -> list[SectorUpdate]:
         if "bad-partial-merge" in self.defects:
-            updates = zero_filled_updates(offset, data)
-        else:
-            updates = sector_updates(self.io, offset, data)
+            return zero_filled_updates(offset, data)
+        return super().updates_for(offset, data)
+
+    def before_log(self, updates: list[SectorUpdate]) -> IOGen:
         if "apply-before-log" in self.defects:
             for u in updates:  # the update in place first, as if the log were a formality
                 yield from self.io.write(u.file_offset, u.data or bytes(u.zero_length))
-        self.check_fits(updates)
-        yield from self.flush_data()
-        yield from self.headers.user_visible_write(self.io)
-        yield from self.append(updates)
-        yield from self.flush_log()
-        yield from self.checkpoint()
 
     def publish_log_guid(self) -> IOGen:
         if "guid-after-apply" in self.defects and not self._late:
