@@ -302,6 +302,7 @@ class _Builder:
         self.epoch = 0
         self.layers = [trace.base.fork()]  # durable overlays over the base, bottom first
         self.shared = False
+        self.last_sealed: SparseImage | None = None
         self.hash = image_hash(trace.base)
         self.submit: dict[int, int] = {}
         self.complete: dict[int, int] = {}
@@ -322,7 +323,11 @@ class _Builder:
     def snapshot(self, p: int) -> StepStates:
         self.epoch += 1
         self.shared = True
-        return StepStates(self.trace, p, self.layers[-1], self.hash,
+        durable = self.layers[-1].seal()  # shared from now on, so never written again
+        if self.last_sealed is not None and self.last_sealed is not durable:
+            self.last_sealed.drop_pages()  # keep one step's page cache, not every step's
+        self.last_sealed = durable
+        return StepStates(self.trace, p, durable, self.hash,
                           _PrefixView(self.durable_list, len(self.durable_list)),
                           dict(self.pending), dict(self.hist))
 
@@ -699,7 +704,11 @@ class _Enumerator:
             tries = 4 * self.remaining + 16
             rnd = rng.random
             samples = (tuple(c[int(rnd() * len(c))] for c in choices) for _ in range(tries))
+        tried: set[tuple] = set()
         for sample in samples:
+            if sample in tried:
+                continue  # the same choice again: building it would only find it seen
+            tried.add(sample)
             assign = {u: (io, False) for u, io in zip(units, sample) if io is not None}
             if not self.add("random", assign):
                 return

@@ -4,6 +4,12 @@ A crash state is never a full copy of the disk. It is a chain of sector overlays
 an immutable base: base <- durable writes <- the chosen pending units <- recovery's own
 writes. Each layer holds only the 512-byte sectors it changed, so building a state costs
 what the state differs by, not what the disk holds.
+
+Reads are the hot path of judging a state (recovery, view, structure, probe all read
+through four or more layers). A layer can be *sealed*: a promise that it and its parents
+never change again. A read then takes the bulk of its bytes from the sealed layer's cache
+of flattened 64 KiB pages and patches in only the sectors the thin layers above it hold,
+instead of walking the whole chain once per sector.
 """
 from __future__ import annotations
 
@@ -12,18 +18,41 @@ import os
 from typing import Iterator
 
 SECTOR_BYTES = 512
+PAGE_SECTORS = 128  # 64 KiB pages in a sealed layer's read cache
 _ZERO_SECTOR = bytes(SECTOR_BYTES)
+_ZERO_PAGE = bytes(SECTOR_BYTES * PAGE_SECTORS)
 
 
 class SparseImage:
     """A byte-addressed image made of 512-byte sectors; absent sectors read as zero."""
 
-    __slots__ = ("sectors", "parent", "size_bytes")
+    __slots__ = ("sectors", "parent", "size_bytes", "_pages")
 
     def __init__(self, size_bytes: int = 0, parent: "SparseImage | None" = None):
         self.sectors: dict[int, bytes] = {}
         self.parent = parent
         self.size_bytes = size_bytes if parent is None else max(size_bytes, parent.size_bytes)
+        self._pages: dict[int, bytes] | None = None  # None: not sealed
+
+    # -- sealing --------------------------------------------------------------------
+    def seal(self) -> "SparseImage":
+        """Promise that this layer and every parent stay unchanged from now on."""
+        if self._pages is None:
+            self._pages = {}
+        return self
+
+    @property
+    def sealed(self) -> bool:
+        return self._pages is not None
+
+    def drop_pages(self) -> None:
+        """Free the read cache (it is rebuilt on demand; the layer stays sealed)."""
+        if self._pages:
+            self._pages = {}
+
+    def _check_writable(self) -> None:
+        if self._pages is not None:
+            raise RuntimeError("write to a sealed image layer; fork() it first")
 
     # -- layering -------------------------------------------------------------------
     def fork(self) -> "SparseImage":
@@ -54,6 +83,7 @@ class SparseImage:
         return _ZERO_SECTOR
 
     def put_sector(self, index: int, data: bytes) -> None:
+        self._check_writable()
         self.sectors[index] = data
 
     # -- byte access ----------------------------------------------------------------
@@ -61,16 +91,61 @@ class SparseImage:
         if length <= 0:
             return b""
         first, last = offset // SECTOR_BYTES, (offset + length - 1) // SECTOR_BYTES
-        if first == last:
-            start = offset - first * SECTOR_BYTES
-            return self.sector(first)[start:start + length]
-        blob = b"".join([self.sector(i) for i in range(first, last + 1)])
         start = offset - first * SECTOR_BYTES
+        if first == last:
+            return self.sector(first)[start:start + length]
+        blob = self._span(first, last)
         return blob[start:start + length]
+
+    def _span(self, first: int, last: int) -> bytes:
+        """Sectors first..last: bulk from the first sealed layer (or the bottom layer),
+        then the sectors of the unsealed layers above it, lowest first."""
+        overlays = []
+        layer: SparseImage = self
+        while layer._pages is None and layer.parent is not None:
+            if layer.sectors:
+                overlays.append(layer)
+            layer = layer.parent
+        if layer._pages is not None:
+            blob = layer._paged(first, last)
+        else:
+            get = layer.sectors.get
+            blob = b"".join([get(i, _ZERO_SECTOR) for i in range(first, last + 1)])
+        patches = _sectors_in(overlays, first, last)
+        if not patches:
+            return blob
+        buf = bytearray(blob)
+        for i, data in patches.items():
+            pos = (i - first) * SECTOR_BYTES
+            buf[pos:pos + SECTOR_BYTES] = data
+        return bytes(buf)
+
+    def _paged(self, first: int, last: int) -> bytes:
+        pages = self._pages
+        p0, p1 = first // PAGE_SECTORS, last // PAGE_SECTORS
+        parts = []
+        for p in range(p0, p1 + 1):
+            page = pages.get(p)
+            if page is None:
+                page = pages[p] = self._build_page(p)
+            parts.append(page)
+        blob = parts[0] if len(parts) == 1 else b"".join(parts)
+        pos = (first - p0 * PAGE_SECTORS) * SECTOR_BYTES
+        end = pos + (last - first + 1) * SECTOR_BYTES
+        return blob if pos == 0 and end == len(blob) else blob[pos:end]
+
+    def _build_page(self, p: int) -> bytes:
+        first = p * PAGE_SECTORS
+        last = first + PAGE_SECTORS - 1
+        patches = _sectors_in(list(self._layers()), first, last)
+        if not patches:
+            return _ZERO_PAGE
+        return b"".join([patches.get(i, _ZERO_SECTOR) for i in range(first, last + 1)])
 
     def write(self, offset: int, data: bytes) -> None:
         if not data:
             return
+        self._check_writable()
         end = offset + len(data)
         if end > self.size_bytes:
             self.size_bytes = end
@@ -93,6 +168,7 @@ class SparseImage:
 
     def resize(self, size_bytes: int) -> None:
         """Grow or shrink; sectors past a shrink read as zero again when regrown."""
+        self._check_writable()
         if size_bytes < self.size_bytes:
             last = (size_bytes + SECTOR_BYTES - 1) // SECTOR_BYTES
             for layer in self._layers():
@@ -154,6 +230,27 @@ class SparseImage:
                 if data != _ZERO_SECTOR and idx * SECTOR_BYTES < self.size_bytes:
                     f.seek(idx * SECTOR_BYTES)
                     f.write(data[: self.size_bytes - idx * SECTOR_BYTES])
+
+
+def _sectors_in(layers_top_first: list[SparseImage], first: int, last: int
+                ) -> dict[int, bytes]:
+    """The visible sectors in first..last that these layers hold (upper layers win).
+    Each layer costs the smaller of its size and the span, so thin layers are cheap."""
+    found: dict[int, bytes] = {}
+    span = last - first + 1
+    for layer in reversed(layers_top_first):
+        secs = layer.sectors
+        if len(secs) <= span:
+            for i, data in secs.items():
+                if first <= i <= last:
+                    found[i] = data
+        else:
+            get = secs.get
+            for i in range(first, last + 1):
+                data = get(i)
+                if data is not None:
+                    found[i] = data
+    return found
 
 
 def _store_nonzero(img: SparseImage, pos: int, chunk: bytes) -> None:

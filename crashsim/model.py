@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Literal
+
+import crc32c
 
 OpKind = Literal["guest_write", "log_write"]
 
@@ -54,9 +57,13 @@ def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
 class RangeModel:
     """The content of the workload's ranges after k operations (k = 0 .. len(ops)).
 
-    Only a digest per k is kept, so a long workload over large ranges stays small in
-    memory; a full view is rebuilt on demand for a diff.
+    Per k only a CRC-32C and a BLAKE2b digest are kept, so a long workload over large
+    ranges stays small in memory. Matching a view is on the hot path of every crash
+    state: the hardware CRC picks the candidate k, and an exact comparison with the
+    expected view (kept in a bounded cache) confirms it, so no collision can pass.
     """
+
+    VIEW_CACHE_BYTES = 64 << 20
 
     def __init__(self, ops: list[Op]):
         self.ops = ops
@@ -67,8 +74,9 @@ class RangeModel:
             self._starts.append((off, length, pos))
             pos += length
         self.view_bytes = pos
-        self._digests: dict[bytes, int] = {}
         self._by_k: list[bytes] = []
+        self._crc_by_k: list[int] = []
+        self._views: OrderedDict[int, bytes] = OrderedDict()
         buf = bytearray(pos)
         self._record(buf)
         for op in ops:
@@ -76,9 +84,8 @@ class RangeModel:
             self._record(buf)
 
     def _record(self, buf: bytearray) -> None:
-        d = digest(buf)
-        self._by_k.append(d)
-        self._digests.setdefault(d, len(self._by_k) - 1)
+        self._by_k.append(digest(buf))
+        self._crc_by_k.append(crc32c.crc32c(buf))
 
     def _apply(self, buf: bytearray, op: Op) -> None:
         for off, length, vpos in self._starts:
@@ -94,8 +101,26 @@ class RangeModel:
 
     def matching(self, view: bytes) -> list[int]:
         """Every k whose model view equals ``view``."""
-        d = digest(view)
-        return [k for k, dk in enumerate(self._by_k) if dk == d]
+        if len(view) != self.view_bytes:
+            return []
+        crc = crc32c.crc32c(view)
+        candidates = [k for k, ck in enumerate(self._crc_by_k) if ck == crc]
+        if not candidates:
+            return []
+        if self.view_bytes > self.VIEW_CACHE_BYTES // 4:
+            d = digest(view)
+            return [k for k in candidates if self._by_k[k] == d]
+        return [k for k in candidates if self._cached_view(k) == view]
+
+    def _cached_view(self, k: int) -> bytes:
+        view = self._views.get(k)
+        if view is None:
+            view = self._views[k] = self.view_after(k)
+            while len(self._views) * self.view_bytes > self.VIEW_CACHE_BYTES:
+                self._views.popitem(last=False)
+        else:
+            self._views.move_to_end(k)
+        return view
 
     def locate(self, view_offset: int) -> int:
         """The device/guest offset that a position in the view stands for."""

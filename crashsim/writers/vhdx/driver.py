@@ -32,8 +32,8 @@ from .format import (FULLY_PRESENT, HEADER_SECTION_END, HEADER_SLOTS, METADATA_T
                      PARTIALLY_PRESENT, REGION_TABLE_BYTES, REGION_TABLE_OFFSETS,
                      SB_PRESENT, STATE_NAMES, UNDEFINED, UNMAPPED, UNMAPPED_V095, ZERO,
                      ZERO_GUID, Metadata, Regions, VhdxCorrupt, bat_index,
-                     check_log_geometry, known_regions, metadata_bytes_needed,
-                     pack_bat_entry, parse_bat,
+                     check_log_geometry, is_bitmap_index, known_regions,
+                     metadata_bytes_needed, nonzero_entries, pack_bat_entry, parse_bat,
                      parse_metadata, parse_region_table, round_up, unpack_bat_entry)
 from .log import BlockIO, HeaderSession, LogWriter, as_io, check_signature
 from .replay import FIXED_POLICY, ReplayPolicy, ReplayResult, replay, scan_log
@@ -147,7 +147,7 @@ class VhdxDriver:
         """QEMU's vhdx_check_bat_entries: no present block may end past end-of-file."""
         size = self.io.size_bytes
         block = self.metadata.block_size
-        for i, value in enumerate(self.bat):
+        for i, value in nonzero_entries(self.bat):
             state, off = unpack_bat_entry(value)
             if state == FULLY_PRESENT and off + block > size:
                 raise VhdxCorrupt(f"BAT entry {i} end offset {off + block - 1} points after "
@@ -318,9 +318,9 @@ def _bat_problems(drv: VhdxDriver) -> list[str]:
     ratio = md.chunk_ratio
     owners: dict[int, int] = {}
     out = []
-    for i, value in enumerate(drv.bat):
+    for i, value in nonzero_entries(drv.bat):
         state, off = unpack_bat_entry(value)
-        if (i + 1) % (ratio + 1) == 0:
+        if is_bitmap_index(i, ratio):
             if state not in (NOT_PRESENT, SB_PRESENT):
                 out.append(f"BAT entry {i} (sector bitmap) has invalid state {state}")
             continue

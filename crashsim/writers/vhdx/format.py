@@ -11,6 +11,8 @@ failed (used by replay for its branch names).
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import struct
 import uuid
 from dataclasses import dataclass, field, replace
@@ -86,8 +88,14 @@ def with_checksum(blob: bytes, field_offset: int = 4) -> bytes:
     return blob[:field_offset] + struct.pack("<I", crc) + blob[field_offset + 4:]
 
 
+@functools.lru_cache(maxsize=4096)
+def _guid_of(raw: bytes) -> uuid.UUID:
+    return uuid.UUID(bytes_le=raw)
+
+
 def _guid(raw: bytes) -> uuid.UUID:
-    return uuid.UUID(bytes_le=bytes(raw))
+    # Every open parses the same few GUIDs again; UUID() is costly, so they are shared.
+    return _guid_of(bytes(raw))
 
 
 def _need(blob: bytes, length: int, what: str, offset: int) -> None:
@@ -443,6 +451,21 @@ def pack_bat_entry(state: int, file_offset: int) -> int:
 def unpack_bat_entry(value: int) -> tuple[int, int]:
     """(state, file offset in bytes)."""
     return value & BAT_STATE_MASK, value & BAT_OFFSET_MASK
+
+
+def payload_block_of(index: int, ratio: int) -> int:
+    """The payload block of BAT entry ``index`` (not a sector-bitmap entry)."""
+    return index - index // (ratio + 1)
+
+
+def is_bitmap_index(index: int, ratio: int) -> bool:
+    return (index + 1) % (ratio + 1) == 0
+
+
+def nonzero_entries(bat: list[int]) -> list[tuple[int, int]]:
+    """(index, value) of the BAT entries that are not all zero. A zero entry is
+    NOT_PRESENT at offset 0, valid in every slot, so checks can skip it."""
+    return list(itertools.compress(enumerate(bat), bat))
 
 
 def parse_bat(blob: bytes, count: int) -> list[int]:

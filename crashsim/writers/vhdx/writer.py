@@ -26,7 +26,8 @@ from ...sizes import parse_size
 from ..base import ProbeFailed, Recovery, RecoveryError, TxReporter
 from .create import LOG_OFFSET, create_image
 from .driver import VhdxDriver, validate
-from .format import FULLY_PRESENT, MiB, bat_entry_count, round_up
+from .format import (FULLY_PRESENT, MiB, bat_entry_count, is_bitmap_index, nonzero_entries,
+                     payload_block_of, round_up, unpack_bat_entry)
 from .replay import FIXED_POLICY, ReplayPolicy
 
 # Defect switches: each a realistic mistake, wired in variants.py (step overrides or a
@@ -77,6 +78,7 @@ class VhdxWriter:
             self.driver_class = defect_driver_class(self.defects)
             self.recovery_policy = defect_policy(self.recovery_policy, self.defects)
         self.seed = seed
+        self._workload_blocks: set[int] | None = None
         self.op_kind = next(iter(kinds), "guest_write")
         self.virtual_size = parse_size(image.get("virtual_size", 64 * MiB))
         self.block_size = parse_size(image.get("block_size", MiB))
@@ -150,6 +152,11 @@ class VhdxWriter:
         return self._stray_blocks(drv)
 
     def workload_blocks(self) -> set[int]:
+        if self._workload_blocks is None:
+            self._workload_blocks = self._blocks_written()
+        return self._workload_blocks
+
+    def _blocks_written(self) -> set[int]:
         if self.op_kind != "guest_write":
             return set()
         blocks = set()
@@ -162,11 +169,15 @@ class VhdxWriter:
 
     def _stray_blocks(self, drv: VhdxDriver) -> list[str]:
         expected = self.workload_blocks()
+        ratio, blocks = drv.metadata.chunk_ratio, drv.metadata.data_blocks
         out = []
-        for block in range(drv.metadata.data_blocks):
-            state, off = drv.block_state(block)
-            if state == FULLY_PRESENT and block not in expected:
-                out.append(f"BAT entry {drv.bat_index_of(block)} (block {block}) is "
+        for i, value in nonzero_entries(drv.bat):
+            if is_bitmap_index(i, ratio):
+                continue
+            block = payload_block_of(i, ratio)
+            state, off = unpack_bat_entry(value)
+            if state == FULLY_PRESENT and block < blocks and block not in expected:
+                out.append(f"BAT entry {i} (block {block}) is "
                            f"allocated at {off:#x} but the workload never wrote it")
         return out
 
