@@ -240,6 +240,22 @@ class StepStates:
         self._unit_hist = unit_hist  # legal candidates per unit -> number of such units
         self._candidates: dict[int, list[int]] | None = None
         self._durable_hashes: dict[int, int] = {}
+        self._deltas: dict[tuple[int, int], tuple[int, int] | None] = {}
+
+    def unit_delta(self, io: int, rel: int) -> tuple[int, int] | None:
+        """(hash change, end byte) of putting unit ``rel`` of ``io`` over the durable
+        content; None when its piece is not whole sectors. Cached: enumeration asks for
+        the same units many times."""
+        key = (io, rel)
+        if key in self._deltas:
+            return self._deltas[key]
+        fast = self.by_io[io].unit_sectors(rel)
+        out = None
+        if fast is not None:
+            out = (sum(hx - self.durable_sector_hash(x) for x, _, hx in fast),
+                   (fast[-1][0] + 1) * SECTOR_BYTES)
+        self._deltas[key] = out
+        return out
 
     def durable_sector_hash(self, x: int) -> int:
         h = self._durable_hashes.get(x)
@@ -588,6 +604,23 @@ def _picks(step: StepStates, assign: Assignment) -> tuple[Pick, ...]:
                  for io in sorted(set(clean) | set(garbage)))
 
 
+def _quick_key(step: StepStates, assign: Assignment) -> str | None:
+    """The content key of a state, without building it, when every unit is clean and
+    in whole sectors (the common case); None otherwise. Most candidate states are seen
+    already, and this lets the enumerator skip building them."""
+    h = step.durable_hash
+    size = step.durable.size_bytes
+    by_io, delta_of = step.by_io, step.unit_delta
+    for unit, (io, is_garbage) in assign.items():
+        delta = None if is_garbage else delta_of(io, unit - by_io[io].first_unit)
+        if delta is None:
+            return None
+        h += delta[0]
+        if delta[1] > size:
+            size = delta[1]
+    return key_of(size, h)
+
+
 def _build(step: StepStates, assign: Assignment) -> tuple[SparseImage, str]:
     """The state's own layer over the durable overlay, and its content key."""
     img = step.durable.fork()
@@ -599,10 +632,10 @@ def _build(step: StepStates, assign: Assignment) -> tuple[SparseImage, str]:
         rel = unit - pw.first_unit
         fast = None if is_garbage else pw.unit_sectors(rel)
         if fast is not None:
-            for x, data, hx in fast:
+            for x, data, _ in fast:
                 sectors[x] = data
-                h += hx - step.durable_sector_hash(x)
-            end = (fast[-1][0] + 1) * SECTOR_BYTES
+            delta, end = step.unit_delta(io, rel)
+            h += delta
             if end > img.size_bytes:
                 img.size_bytes = end
             continue
@@ -651,6 +684,8 @@ class _Enumerator:
         """Add the state unless seen; False once the budget is spent."""
         if self.remaining <= 0:
             return False
+        if _quick_key(self.step, assign) in self.seen:
+            return True
         img, key = _build(self.step, assign)
         if key not in self.seen:
             self.seen.add(key)
@@ -690,13 +725,13 @@ class _Enumerator:
                         return
 
     def random(self) -> None:
-        cands = self.step.unit_candidates
+        cands = _distinct_candidates(self.step)
         units = sorted(cands)
         if not units or self.remaining <= 0:
             return
         rng = random.Random(self.seed * 1_000_003 + self.step.p)
         choices = [[None, *cands[u]] for u in units]
-        if self.step.legal_count <= self.remaining:
+        if math.prod(len(c) for c in choices) <= self.remaining:
             space = list(itertools.product(*choices))
             rng.shuffle(space)
             samples: Iterator[tuple] = iter(space)
@@ -712,6 +747,28 @@ class _Enumerator:
             assign = {u: (io, False) for u, io in zip(units, sample) if io is not None}
             if not self.add("random", assign):
                 return
+
+
+def _distinct_candidates(step: StepStates) -> dict[int, list[int]]:
+    """Per unit, the pending ios that give it distinct content other than the durable
+    one. A candidate equal to the durable content, or to an earlier candidate, only
+    repeats a state, and sampling such choices wastes the random tier's tries."""
+    out: dict[int, list[int]] = {}
+    for unit, ios in step.unit_candidates.items():
+        seen = {0}  # a zero delta is the durable content itself
+        keep = []
+        for io in ios:
+            found = step.unit_delta(io, unit - step.by_io[io].first_unit)
+            if found is None:
+                keep.append(io)  # partial sectors: compared only once built
+                continue
+            delta = found[0]
+            if delta not in seen:
+                seen.add(delta)
+                keep.append(io)
+        if keep:
+            out[unit] = keep
+    return out
 
 
 def _tears(pw: PendingWrite, with_garbage: bool) -> Iterator[Assignment]:

@@ -12,12 +12,18 @@ order of severity, and the first that fails names the outcome:
 ``old`` / ``new``   k == A / k > A
 
 What recovery did depends only on the image content, so ``Judge`` caches that part by
-content and applies A and I afterwards.
+content and applies A and I afterwards. A writer that names the bytes its structure
+check and probe depend on (``structure_key``) also gets those two results shared between
+recovered images that differ elsewhere (mostly in log or payload bytes): they are the
+costliest part of judging, and a key is confirmed byte for byte, never by hash alone.
 """
 from __future__ import annotations
 
 import traceback
+from collections import OrderedDict
 from dataclasses import dataclass, field
+
+import crc32c
 
 from .blockdev import ImageDevice, run_sync
 from .image import SparseImage
@@ -26,6 +32,8 @@ from .trace import Trace
 from .writers.base import ProbeFailed, Recovery, RecoveryError
 
 PASSING = ("old", "new")
+CACHE_ENTRIES = 1 << 16  # recovered contents a Judge remembers, to bound its memory
+CHECKS_CACHE_ENTRIES = 64  # structure keys are ~200 KiB; recent ones get nearly all hits
 
 
 @dataclass
@@ -76,11 +84,13 @@ class Judge:
     """Recovers images with a writer and checks them against a model, with a cache."""
 
     def __init__(self, writer, model: RangeModel, *, probe: bool = True,
-                 keep_views: bool = False):
+                 keep_views: bool = False, share_checks: bool = True):
         self.writer = writer
         self.model = model
         self.probe = probe
         self.keep_views = keep_views
+        self.share_checks = share_checks
+        self._checks = _KeyedCache(CHECKS_CACHE_ENTRIES)
         self._cache: dict[object, Examined] = {}
         self._recorded: dict[object, Examined] = {}
         self.cache_hits = 0
@@ -103,7 +113,15 @@ class Judge:
             cache[key] = ex
             if record:
                 self._cache.setdefault(key, ex)
+            for kept in (cache, self._cache):
+                while len(kept) > CACHE_ENTRIES:  # oldest first; only speed depends on it
+                    del kept[next(iter(kept))]
         return ex
+
+    def forget(self) -> None:
+        """Drop cached recoveries (the memory cap's first resort); verdicts do not change."""
+        self._cache.clear()
+        self._recorded.clear()
 
     def _examine(self, image: SparseImage, record: bool) -> Examined:
         work = image.fork()
@@ -120,7 +138,8 @@ class Judge:
         ex = Examined(recovery, recovery_trace=rec_trace)
         try:
             view = self.writer.view(dev, self.model.ranges)
-            ex.structure = list(self.writer.check_structure(dev))
+            checks = self._checks_of(dev)
+            ex.structure = list(checks.structure)
         except RecoveryError as exc:
             ex.error = f"unreadable after recovery: {exc}"
             return ex
@@ -131,8 +150,24 @@ class Judge:
         if self.keep_views:
             ex.view = view
         if self.probe and ex.matched_k and not ex.structure:
-            ex.probe_error = self._probe(work)
+            ex.probe_error = self._probe_once(work, checks)
         return ex
+
+    def _checks_of(self, dev: ImageDevice) -> "_Checks":
+        key = None
+        if self.share_checks and hasattr(self.writer, "structure_key"):
+            key = self.writer.structure_key(dev)
+        checks = self._checks.get(key) if key is not None else None
+        if checks is None:
+            checks = _Checks(list(self.writer.check_structure(dev)))
+            if key is not None:
+                self._checks.put(key, checks)
+        return checks
+
+    def _probe_once(self, recovered: SparseImage, checks: "_Checks") -> str | None:
+        if not checks.probed:
+            checks.probe_error, checks.probed = self._probe(recovered), True
+        return checks.probe_error
 
     def _probe(self, recovered: SparseImage) -> str | None:
         dev = ImageDevice(recovered.fork())
@@ -152,6 +187,43 @@ class Judge:
             return self.writer.view(dev, self.model.ranges)
         except Exception:
             return None
+
+
+@dataclass
+class _Checks:
+    """Structure problems and probe outcome of one structure key."""
+
+    structure: list[str]
+    probe_error: str | None = None
+    probed: bool = False
+
+
+class _KeyedCache:
+    """A small LRU map from long byte keys to values. Entries are found by CRC-32C and
+    confirmed by comparing the whole key, so two keys can never be confused."""
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[int, int], list[tuple[bytes, object]]] = \
+            OrderedDict()
+        self._count = 0
+
+    def get(self, key: bytes):
+        slot = (len(key), crc32c.crc32c(key))
+        for stored, value in self._entries.get(slot, ()):
+            if stored == key:
+                self._entries.move_to_end(slot)
+                return value
+        return None
+
+    def put(self, key: bytes, value: object) -> None:
+        slot = (len(key), crc32c.crc32c(key))
+        self._entries.setdefault(slot, []).append((key, value))
+        self._entries.move_to_end(slot)
+        self._count += 1
+        while self._count > self.max_entries:
+            _, dropped = self._entries.popitem(last=False)
+            self._count -= len(dropped)
 
 
 def _crash_text(exc: BaseException) -> str:

@@ -18,6 +18,11 @@ verdict. The contract, in the order the explorer uses it:
 ``probe(dev)``
     A generator that runs one more transaction on a recovered image (liveness);
     raises ``ProbeFailed`` when the image can no longer be used.
+``structure_key(dev)`` (optional)
+    Every byte that ``check_structure`` and ``probe`` read, as one bytes object, or
+    None when unsure. Recovered images with equal keys share those two results, so a
+    writer that provides it is judged much faster. A key that leaves out a byte those
+    checks depend on would make verdicts wrong: when in doubt, leave the method out.
 
 Expected content never comes from the writer: the reference model in ``model.py`` is
 built from the workload's operations alone.

@@ -32,8 +32,8 @@ from .format import (FULLY_PRESENT, HEADER_SECTION_END, HEADER_SLOTS, METADATA_T
                      PARTIALLY_PRESENT, REGION_TABLE_BYTES, REGION_TABLE_OFFSETS,
                      SB_PRESENT, STATE_NAMES, UNDEFINED, UNMAPPED, UNMAPPED_V095, ZERO,
                      ZERO_GUID, Metadata, Regions, VhdxCorrupt, bat_index,
-                     check_log_geometry, is_bitmap_index, known_regions,
-                     metadata_bytes_needed, nonzero_entries, pack_bat_entry, parse_bat,
+                     check_log_geometry, is_bitmap_index, known_regions, parse_cache,
+                     metadata_bytes_needed, nonzero_entries_of, pack_bat_entry, parse_bat,
                      parse_metadata, parse_region_table, round_up, unpack_bat_entry)
 from .log import BlockIO, HeaderSession, LogWriter, as_io, check_signature
 from .replay import FIXED_POLICY, ReplayPolicy, ReplayResult, replay, scan_log
@@ -65,6 +65,10 @@ class VhdxDriver:
         self.regions: Regions | None = None
         self.metadata: Metadata | None = None
         self.bat: list[int] = []
+        # The non-zero BAT entries as loaded from disk: the structure checks, which run
+        # right after a load, read these; writes change self.bat only.
+        self.bat_nonzero: list[tuple[int, int]] = []
+        self.metadata_bytes_read = 0
         self.log: LogWriter | None = None
         self.region_notes: list[str] = []
 
@@ -108,8 +112,8 @@ class VhdxDriver:
         tables = REGION_TABLE_OFFSETS[:1] if self.policy.qemu_quirks else REGION_TABLE_OFFSETS
         for off in tables:
             try:
-                entries = parse_region_table(self.io.read(off, REGION_TABLE_BYTES), off)
-                regions = known_regions(entries, off, log_span)
+                regions = _regions_of(self.io.read(off, REGION_TABLE_BYTES), off,
+                                      tuple(log_span))
             except VhdxCorrupt as exc:
                 errors.append(exc)
                 self.region_notes.append(f"region table at {off:#x}: {exc}")
@@ -133,6 +137,7 @@ class VhdxDriver:
         need = metadata_bytes_needed(table, md)
         if need > len(table):
             table += self.io.read(md.file_offset + len(table), need - len(table))
+        self.metadata_bytes_read = len(table)
         return parse_metadata(table, md)
 
     def load_bat(self) -> list[int]:
@@ -141,13 +146,15 @@ class VhdxDriver:
         if count * 8 > region.length:
             raise VhdxCorrupt(f"the BAT region ({region.length:#x} bytes) cannot hold "
                               f"{count} entries", region.file_offset, "bat-size")
-        return parse_bat(self.io.read(region.file_offset, count * 8), count)
+        blob = self.io.read(region.file_offset, count * 8)
+        self.bat_nonzero = nonzero_entries_of(blob)
+        return parse_bat(blob, count)
 
     def check_bat(self) -> None:
         """QEMU's vhdx_check_bat_entries: no present block may end past end-of-file."""
         size = self.io.size_bytes
         block = self.metadata.block_size
-        for i, value in nonzero_entries(self.bat):
+        for i, value in self.bat_nonzero:
             state, off = unpack_bat_entry(value)
             if state == FULLY_PRESENT and off + block > size:
                 raise VhdxCorrupt(f"BAT entry {i} end offset {off + block - 1} points after "
@@ -186,10 +193,8 @@ class VhdxDriver:
 
     # -- read -----------------------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
-        out = bytearray()
-        for ext in self.extents(offset, length):
-            out += self.read_extent(ext)
-        return bytes(out)
+        parts = [self.read_extent(ext) for ext in self.extents(offset, length)]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def read_extent(self, ext: Extent) -> bytes:
         state, file_off = self.block_state(ext.block)
@@ -262,6 +267,11 @@ class VhdxDriver:
         return validate(dev, policy)
 
 
+@parse_cache()
+def _regions_of(blob: bytes, offset: int, log_span: tuple[tuple[int, int], ...]) -> Regions:
+    return known_regions(parse_region_table(blob, offset), offset, list(log_span))
+
+
 def validate(dev: BlockDevice, policy: ReplayPolicy = FIXED_POLICY) -> list[str]:
     """Structure problems of the image on ``dev`` by the format's rules (no writes)."""
     io = as_io(dev)
@@ -318,7 +328,7 @@ def _bat_problems(drv: VhdxDriver) -> list[str]:
     ratio = md.chunk_ratio
     owners: dict[int, int] = {}
     out = []
-    for i, value in nonzero_entries(drv.bat):
+    for i, value in drv.bat_nonzero:
         state, off = unpack_bat_entry(value)
         if is_bitmap_index(i, ratio):
             if state not in (NOT_PRESENT, SB_PRESENT):

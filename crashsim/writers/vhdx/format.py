@@ -98,6 +98,31 @@ def _guid(raw: bytes) -> uuid.UUID:
     return _guid_of(bytes(raw))
 
 
+def parse_cache(maxsize: int = 256):
+    """Memoise a pure parser of bytes. Judging opens each crash state three times and
+    most states share their headers, region table and metadata, so the same bytes are
+    parsed again and again. Only successes are cached (errors are raised anew); lists in
+    the result are copied so a caller can never change the cached value."""
+    def wrap(fn):
+        cached = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def call(*args):
+            return _fresh(cached(*(bytes(a) if isinstance(a, (bytearray, memoryview))
+                                   else a for a in args)))
+        call.cache_clear = cached.cache_clear
+        return call
+    return wrap
+
+
+def _fresh(value):
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, tuple):
+        return tuple(_fresh(v) for v in value)
+    return value
+
+
 def _need(blob: bytes, length: int, what: str, offset: int) -> None:
     if len(blob) < length:
         raise VhdxCorrupt(f"{what} is truncated: {len(blob)} of {length} bytes present",
@@ -172,6 +197,7 @@ def check_header(block: bytes, offset: int) -> Header:
     return Header(seq, _guid(fw), _guid(dw), _guid(lg), log_len, log_off, log_ver, ver)
 
 
+@parse_cache()
 def choose_header(block1: bytes, block2: bytes) -> tuple[int, Header, list[str]]:
     """(slot index 0/1, current header, notes about the other slot) per §3, with QEMU's
     Disk2VHD exception for equal sequence numbers and byte-identical structures."""
@@ -231,6 +257,7 @@ def build_region_table(entries: list[RegionEntry]) -> bytes:
     return with_checksum(blob.ljust(REGION_TABLE_BYTES, b"\0"))
 
 
+@parse_cache()
 def parse_region_table(blob: bytes, offset: int) -> list[RegionEntry]:
     _need(blob, REGION_TABLE_BYTES, "region table", offset)
     blob = bytes(blob[:REGION_TABLE_BYTES])
@@ -349,6 +376,7 @@ def metadata_bytes_needed(table: bytes, region: RegionEntry) -> int:
     return min(end, region.length)
 
 
+@parse_cache()
 def parse_metadata(blob: bytes, region: RegionEntry) -> Metadata:
     """Parse the metadata region (``blob`` = its bytes, at least the table and items)."""
     base = region.file_offset
@@ -462,10 +490,12 @@ def is_bitmap_index(index: int, ratio: int) -> bool:
     return (index + 1) % (ratio + 1) == 0
 
 
-def nonzero_entries(bat: list[int]) -> list[tuple[int, int]]:
-    """(index, value) of the BAT entries that are not all zero. A zero entry is
-    NOT_PRESENT at offset 0, valid in every slot, so checks can skip it."""
-    return list(itertools.compress(enumerate(bat), bat))
+@parse_cache(maxsize=64)
+def nonzero_entries_of(blob: bytes) -> list[tuple[int, int]]:
+    """(index, value) of the entries of the BAT in ``blob`` that are not all zero. A zero
+    entry is NOT_PRESENT at offset 0, valid in every slot, so checks can skip it."""
+    values = struct.unpack(f"<{len(blob) // 8}Q", blob[:len(blob) // 8 * 8])
+    return list(itertools.compress(enumerate(values), values))
 
 
 def parse_bat(blob: bytes, count: int) -> list[int]:

@@ -140,6 +140,9 @@ def scan_log(io: BlockIO | BlockDevice, header: Header,
     check_log_in_file(io, header)
     cands, empty = [], 0
     for pos, head in _sector_heads(io, header):
+        if head[:4] != b"loge":  # most sectors: skip the parse and its exception
+            empty += 1
+            continue
         try:
             h = parse_log_entry_header(head, pos)
         except VhdxCorrupt:

@@ -26,8 +26,9 @@ from ...sizes import parse_size
 from ..base import ProbeFailed, Recovery, RecoveryError, TxReporter
 from .create import LOG_OFFSET, create_image
 from .driver import VhdxDriver, validate
-from .format import (FULLY_PRESENT, MiB, bat_entry_count, is_bitmap_index, nonzero_entries,
-                     payload_block_of, round_up, unpack_bat_entry)
+from .format import (FULLY_PRESENT, HEADER_BLOCK, HEADER_SLOTS, REGION_TABLE_BYTES,
+                     REGION_TABLE_OFFSETS, ZERO_GUID, MiB, bat_entry_count,
+                     is_bitmap_index, payload_block_of, round_up, unpack_bat_entry)
 from .replay import FIXED_POLICY, ReplayPolicy
 
 # Defect switches: each a realistic mistake, wired in variants.py (step overrides or a
@@ -171,7 +172,7 @@ class VhdxWriter:
         expected = self.workload_blocks()
         ratio, blocks = drv.metadata.chunk_ratio, drv.metadata.data_blocks
         out = []
-        for i, value in nonzero_entries(drv.bat):
+        for i, value in drv.bat_nonzero:
             if is_bitmap_index(i, ratio):
                 continue
             block = payload_block_of(i, ratio)
@@ -180,6 +181,29 @@ class VhdxWriter:
                 out.append(f"BAT entry {i} (block {block}) is "
                            f"allocated at {off:#x} but the workload never wrote it")
         return out
+
+    def structure_key(self, dev: BlockDevice) -> bytes | None:
+        """The file size and every structure byte that check_structure and probe read:
+        file identifier, both headers, both region tables, the metadata table and
+        items, the BAT, and the log region while a LogGuid is published. Left out:
+        payload data (the probe allocates a block the workload never writes) and the
+        log while no LogGuid is published (its entries then carry older GUIDs, which no
+        scan accepts, and the probe's session GUID comes from its own seeded stream)."""
+        try:
+            drv = self._driver("key").attach(dev)
+        except RecoveryError:
+            return None
+        h, md = drv.headers.current, drv.regions.metadata
+        spans = [(0, 1024), (HEADER_SLOTS[0], HEADER_BLOCK), (HEADER_SLOTS[1], HEADER_BLOCK),
+                 (REGION_TABLE_OFFSETS[0], REGION_TABLE_BYTES),
+                 (REGION_TABLE_OFFSETS[1], REGION_TABLE_BYTES),
+                 (md.file_offset, drv.metadata_bytes_read),
+                 (drv.regions.bat.file_offset, 8 * drv.metadata.bat_entries)]
+        if h.log_guid != ZERO_GUID:
+            spans.append((h.log_offset, h.log_length))
+        parts = [dev.size_bytes.to_bytes(8, "little")]
+        parts += [dev.read(off, n) for off, n in spans]
+        return b"".join(parts)
 
     # -- liveness -------------------------------------------------------------------------
     def probe_block(self) -> int:
