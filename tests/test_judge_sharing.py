@@ -1,0 +1,60 @@
+"""The Judge's shared structure checks change speed only, never a verdict.
+
+``structure_key`` lets recovered images that differ only in bytes the structure check
+and probe never read share those results. If the VHDX key left out a byte they depend
+on, some state would get another image's verdict; these runs would then differ.
+"""
+from pathlib import Path
+
+import pytest
+
+from crashsim.explore import build_context, explore_all
+from crashsim.oracle import Judge
+from crashsim.scenario import load_scenario
+
+SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
+
+
+def _outcomes(sc, share: bool):
+    ctx = build_context(sc)
+    ctx.judge = Judge(ctx.writer, ctx.model, share_checks=share)
+    steps = explore_all(ctx, 1)
+    return ctx.judge, [(s.step, sorted(s.outcomes.items()),
+                        [(f.state_id, f.outcome) for f in s.failures]) for s in steps]
+
+
+@pytest.mark.parametrize("name", ["vhdx-defect-no-apply", "vhdx-qemu-alloc",
+                                  "vhdx-2013-alloc", "vhdx-alloc-512"])
+def test_shared_checks_give_the_same_verdicts(name):
+    sc = load_scenario(SCENARIOS / f"{name}.yaml")
+    sc = sc.model_copy(update={"explore": sc.explore.model_copy(
+        update={"max_states_per_step": 12, "recovery_crash": False})})
+    shared_judge, shared = _outcomes(sc, True)
+    _, alone = _outcomes(sc, False)
+    assert shared == alone
+    outcomes = {o for _, counts, _ in shared for o, _ in counts}
+    assert outcomes & {"old", "new", "stuck", "structure"}  # states got that far
+    assert shared_judge._checks._count > 0  # and the key was in use
+
+
+def test_vhdx_key_covers_the_bat_but_not_payload():
+    """A changed BAT entry changes the key; changed payload bytes do not."""
+    from crashsim.blockdev import ImageDevice
+    from crashsim.crashstates import step_at
+    from crashsim.writers.vhdx.driver import VhdxDriver
+    from crashsim.writers.vhdx.format import FULLY_PRESENT, unpack_bat_entry
+    sc = load_scenario(SCENARIOS / "vhdx-alloc-512.yaml")
+    ctx = build_context(sc)
+    image = step_at(ctx.trace, ctx.trace.n_steps).durable
+    key = ctx.writer.structure_key(ImageDevice(image.fork()))
+    assert key is not None
+    drv = VhdxDriver().attach(ImageDevice(image.fork()))
+    index, value = next((i, v) for i, v in enumerate(drv.bat)
+                        if unpack_bat_entry(v)[0] == FULLY_PRESENT)
+    block_at = unpack_bat_entry(value)[1]
+    changed = image.fork()
+    changed.write(drv.regions.bat.file_offset + 8 * index, bytes(8))
+    assert ctx.writer.structure_key(ImageDevice(changed)) != key
+    same = image.fork()
+    same.write(block_at + 4096, b"\x77" * 512)
+    assert ctx.writer.structure_key(ImageDevice(same)) == key
