@@ -19,6 +19,7 @@ from typing import Iterator
 
 SECTOR_BYTES = 512
 PAGE_SECTORS = 128  # 64 KiB pages in a sealed layer's read cache
+SMALL_LAYER_SECTORS = 16  # up to this many sectors, scanning beats an index
 _ZERO_SECTOR = bytes(SECTOR_BYTES)
 _ZERO_PAGE = bytes(SECTOR_BYTES * PAGE_SECTORS)
 
@@ -26,13 +27,14 @@ _ZERO_PAGE = bytes(SECTOR_BYTES * PAGE_SECTORS)
 class SparseImage:
     """A byte-addressed image made of 512-byte sectors; absent sectors read as zero."""
 
-    __slots__ = ("sectors", "parent", "size_bytes", "_pages")
+    __slots__ = ("sectors", "parent", "size_bytes", "_pages", "_index")
 
     def __init__(self, size_bytes: int = 0, parent: "SparseImage | None" = None):
         self.sectors: dict[int, bytes] = {}
         self.parent = parent
         self.size_bytes = size_bytes if parent is None else max(size_bytes, parent.size_bytes)
         self._pages: dict[int, bytes] | None = None  # None: not sealed
+        self._index: dict[int, list[int]] | None = None  # page -> its sectors held here
 
     # -- sealing --------------------------------------------------------------------
     def seal(self) -> "SparseImage":
@@ -53,6 +55,17 @@ class SparseImage:
     def _check_writable(self) -> None:
         if self._pages is not None:
             raise RuntimeError("write to a sealed image layer; fork() it first")
+        self._index = None
+
+    def _page_index(self) -> dict[int, list[int]]:
+        """Which of this layer's sectors lie in each page, so a read finds the few it
+        needs without scanning them all. Rebuilt after any write."""
+        index = self._index
+        if index is None:
+            index = self._index = {}
+            for i in self.sectors:
+                index.setdefault(i // PAGE_SECTORS, []).append(i)
+        return index
 
     # -- layering -------------------------------------------------------------------
     def fork(self) -> "SparseImage":
@@ -235,21 +248,20 @@ class SparseImage:
 def _sectors_in(layers_top_first: list[SparseImage], first: int, last: int
                 ) -> dict[int, bytes]:
     """The visible sectors in first..last that these layers hold (upper layers win).
-    Each layer costs the smaller of its size and the span, so thin layers are cheap."""
+    A small layer is scanned whole; a larger one through its page index."""
     found: dict[int, bytes] = {}
-    span = last - first + 1
     for layer in reversed(layers_top_first):
         secs = layer.sectors
-        if len(secs) <= span:
+        if len(secs) <= SMALL_LAYER_SECTORS:
             for i, data in secs.items():
                 if first <= i <= last:
                     found[i] = data
-        else:
-            get = secs.get
-            for i in range(first, last + 1):
-                data = get(i)
-                if data is not None:
-                    found[i] = data
+            continue
+        index = layer._page_index()
+        for p in range(first // PAGE_SECTORS, last // PAGE_SECTORS + 1):
+            for i in index.get(p, ()):
+                if first <= i <= last:
+                    found[i] = secs[i]
     return found
 
 

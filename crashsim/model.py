@@ -77,6 +77,7 @@ class RangeModel:
         self._by_k: list[bytes] = []
         self._crc_by_k: list[int] = []
         self._views: OrderedDict[int, bytes] = OrderedDict()
+        self._last_match: tuple[int, ...] | None = None
         buf = bytearray(pos)
         self._record(buf)
         for op in ops:
@@ -103,6 +104,16 @@ class RangeModel:
         """Every k whose model view equals ``view``."""
         if len(view) != self.view_bytes:
             return []
+        guess = self._last_match
+        if guess is not None and self.view_bytes <= self.VIEW_CACHE_BYTES // 4 and \
+                self._cached_view(guess[0]) == view:
+            return list(guess)  # consecutive states mostly show the same k
+        found = self._matching(view)
+        if found:
+            self._last_match = tuple(found)
+        return found
+
+    def _matching(self, view: bytes) -> list[int]:
         crc = crc32c.crc32c(view)
         candidates = [k for k, ck in enumerate(self._crc_by_k) if ck == crc]
         if not candidates:
