@@ -61,6 +61,7 @@ class ImageDevice:
         self.image = image
         self.trace = trace
         self._next_io = 0 if trace is None else len(trace.writes) + len(trace.steps)
+        self.generation = 0  # bumped by every change, so readers may memoise by it
 
     @property
     def size_bytes(self) -> int:
@@ -72,6 +73,7 @@ class ImageDevice:
     def write(self, offset: int, data: bytes, fua: bool = False) -> IOGen:
         data = bytes(data)
         self.image.write(offset, data)
+        self.generation += 1
         if self.trace is not None:
             io_id = self._new_io()
             self.trace.writes[io_id] = Write(io_id, offset, data, fua)
@@ -90,6 +92,7 @@ class ImageDevice:
 
     def resize(self, size_bytes: int) -> None:
         self.image.resize(size_bytes)
+        self.generation += 1
         if self.trace is not None:
             self.trace.resizes.append((len(self.trace.steps), size_bytes))
 

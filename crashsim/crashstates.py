@@ -134,6 +134,8 @@ class PendingWrite:
 
     @property
     def legal_units(self) -> list[int]:
+        if not self.illegal:
+            return list(range(self.n_units))
         return [r for r in range(self.n_units) if r not in self.illegal]
 
     def piece(self, rel: int) -> tuple[int, bytes]:

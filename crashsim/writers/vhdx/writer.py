@@ -80,6 +80,7 @@ class VhdxWriter:
             self.recovery_policy = defect_policy(self.recovery_policy, self.defects)
         self.seed = seed
         self._workload_blocks: set[int] | None = None
+        self._attach_memo: tuple[BlockDevice, int, VhdxDriver] | None = None
         self.op_kind = next(iter(kinds), "guest_write")
         self.virtual_size = parse_size(image.get("virtual_size", 64 * MiB))
         self.block_size = parse_size(image.get("block_size", MiB))
@@ -139,15 +140,29 @@ class VhdxWriter:
     def view(self, dev: BlockDevice, ranges: list[tuple[int, int]]) -> bytes:
         if self.op_kind == "log_write":
             return b"".join(dev.read(self.payload_base + off, n) for off, n in ranges)
-        drv = self._driver("view").attach(dev)
+        drv = self._attached(dev)
         return b"".join(drv.read(off, n) for off, n in ranges)
+
+    def _attached(self, dev: BlockDevice) -> VhdxDriver:
+        """A driver over ``dev`` as it is, for reading only. The oracle's view, key
+        and structure check each need one; while the device is unchanged they share
+        it, as attaching parses headers, regions, metadata and BAT again."""
+        generation = getattr(dev, "generation", None)
+        memo = self._attach_memo
+        if generation is not None and memo is not None and memo[0] is dev \
+                and memo[1] == generation:
+            return memo[2]
+        drv = self._driver("attach").attach(dev)
+        if generation is not None:
+            self._attach_memo = (dev, generation, drv)
+        return drv
 
     def check_structure(self, dev: BlockDevice) -> list[str]:
         problems = validate(dev, self.recovery_policy)
         if problems:
             return problems
         try:
-            drv = self._driver("check").attach(dev)
+            drv = self._attached(dev)
         except RecoveryError as exc:
             return [str(exc)]
         return self._stray_blocks(drv)
@@ -190,7 +205,7 @@ class VhdxWriter:
         log while no LogGuid is published (its entries then carry older GUIDs, which no
         scan accepts, and the probe's session GUID comes from its own seeded stream)."""
         try:
-            drv = self._driver("key").attach(dev)
+            drv = self._attached(dev)
         except RecoveryError:
             return None
         h, md = drv.headers.current, drv.regions.metadata
