@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .explore import build_context, explore_all
+from .explore import build_context, explore_all, iter_results
 from .external import private_tempdir, run_command
 from .scenario import Scenario
 
@@ -63,6 +63,37 @@ def _qemu_img_rate(sc: Scenario, sample: int) -> float | None:
     return len(states) / (time.perf_counter() - t0)
 
 
+def _scaling_by_writes(counts: list[int]) -> dict[str, dict[str, float]]:
+    """Cost against trace length at the fixed per-step budget: linear growth shows as a
+    flat ``ms_per_step``."""
+    out = {}
+    for n in counts:
+        ctx = build_context(bench_scenario(n))
+        t0 = time.perf_counter()
+        steps = explore_all(ctx, 1)
+        secs = time.perf_counter() - t0
+        states = sum(s.explored for s in steps)
+        out[str(n)] = {"steps": len(steps), "states": states, "seconds": round(secs, 3),
+                       "ms_per_step": round(1000 * secs / len(steps), 3),
+                       "states_per_second": round(states / secs, 1)}
+    return out
+
+
+def _cost_by_pending(sc: Scenario) -> dict[str, dict[str, float]]:
+    """Per-step cost grouped by how many writes were pending at the crash point."""
+    ctx = build_context(sc)
+    groups: dict[int, list[float]] = {}
+    t0 = time.perf_counter()
+    for res in iter_results(ctx, range(ctx.trace.n_steps + 1)):
+        t1 = time.perf_counter()
+        g = groups.setdefault(res.pending, [0, 0, 0.0])
+        g[0], g[1], g[2] = g[0] + 1, g[1] + res.explored, g[2] + (t1 - t0)
+        t0 = t1
+    return {str(k): {"steps": n, "states": states, "ms_per_step": round(1000 * t / n, 3),
+                     "us_per_state": round(1e6 * t / max(states, 1), 1)}
+            for k, (n, states, t) in sorted(groups.items())}
+
+
 def run_bench(as_json: bool = False, quick: bool = False) -> int:
     writes = 5 if quick else 20
     sc = bench_scenario(writes)
@@ -70,21 +101,21 @@ def run_bench(as_json: bool = False, quick: bool = False) -> int:
     rate = explored / secs
     explored2, secs2 = _explore(sc, 2)
     qemu_rate = _qemu_img_rate(sc, 5 if quick else 20)
-    scaling = {}
-    for n in ([2, 5] if quick else [10, 20, 40, 80]):
-        e, s = _explore(bench_scenario(n), 1)
-        scaling[str(n)] = {"states": e, "seconds": round(s, 3),
-                           "states_per_second": round(e / s, 1)}
+    scaling = _scaling_by_writes([2, 5] if quick else [10, 20, 40, 80])
+    by_pending = _cost_by_pending(sc)
     peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
     figures = {
-        "workload": f"vhdx, {writes} allocating 64KiB writes, 1GiB image, 512B atomic",
+        "workload": f"vhdx, {writes} allocating 64KiB writes, 1GiB image, 512B atomic, "
+                    f"{sc.explore.max_states_per_step} states per step at most",
         "states_checked": explored,
+        "seconds": round(secs, 3),
         "states_per_second_per_core": round(rate, 1),
         "qemu_img_states_per_second": None if qemu_rate is None else round(qemu_rate, 2),
         "speedup_vs_qemu_img": None if qemu_rate is None else round(rate / qemu_rate, 1),
         "parallel_speedup": round((explored2 / secs2) / rate, 2),
         "scaling_by_writes": scaling,
+        "cost_by_pending_writes": by_pending,
         "peak_rss_mib": round(peak, 1),
     }
     if as_json:
