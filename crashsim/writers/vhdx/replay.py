@@ -156,18 +156,19 @@ _ENTRY_SIGNATURE = b"loge"
 
 def _signed_heads(io: BlockIO | BlockDevice, header: Header) -> Iterator[tuple[int, bytes]]:
     """(log position, first 64 bytes) of every 4 KiB log sector that starts with the
-    entry signature. The log is read a page at a time and searched with bytes.find, so
-    the scan costs little more than the entries it finds."""
+    entry signature. The log is read a page at a time; a strided slice of each page
+    holds the first byte of every sector, so only sectors starting with "l" are looked
+    at (searching the whole page for the signature would cost more than the scan)."""
     for start in range(0, header.log_length, SCAN_CHUNK_BYTES):
         n = min(SCAN_CHUNK_BYTES, header.log_length - start)
         blob = io.read(header.log_offset + start, n)
-        rel = blob.find(_ENTRY_SIGNATURE)
-        while rel >= 0:
-            if rel % LOG_SECTOR:  # not at a sector start: look from the next sector
-                rel = blob.find(_ENTRY_SIGNATURE, rel - rel % LOG_SECTOR + LOG_SECTOR)
-                continue
-            yield start + rel, blob[rel:rel + 64]
-            rel = blob.find(_ENTRY_SIGNATURE, rel + LOG_SECTOR)
+        firsts = blob[::LOG_SECTOR]
+        i = firsts.find(_ENTRY_SIGNATURE[:1])
+        while i >= 0:
+            rel = i * LOG_SECTOR
+            if blob[rel:rel + 4] == _ENTRY_SIGNATURE:
+                yield start + rel, blob[rel:rel + 64]
+            i = firsts.find(_ENTRY_SIGNATURE[:1], i + 1)
 
 
 def _check_candidate(io: BlockIO | BlockDevice, pos: int, h: LogEntryHeader,
