@@ -12,7 +12,9 @@ order of severity, and the first that fails names the outcome:
 ``old`` / ``new``   k == A / k > A
 
 What recovery did depends only on the image content, so ``Judge`` caches that part by
-content and applies A and I afterwards. A writer that names the bytes its structure
+content and applies A and I afterwards. More than that, it depends only on the bytes
+judging *read*: ``readset.py`` reuses a result for a state of the same step that differs
+only in sectors the judging of an earlier state never read. A writer that names the bytes its structure
 check and probe depend on (``structure_key``) also gets those two results shared between
 recovered images that differ elsewhere (mostly in log or payload bytes): they are the
 costliest part of judging, and a key is confirmed byte for byte, never by hash alone.
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 import crc32c
 
 from .blockdev import ImageDevice, run_sync
+from .readset import ReadLogDevice, ReadSetMemo
 from .image import SparseImage
 from .model import RangeModel
 from .trace import Trace
@@ -84,13 +87,17 @@ class Judge:
     """Recovers images with a writer and checks them against a model, with a cache."""
 
     def __init__(self, writer, model: RangeModel, *, probe: bool = True,
-                 keep_views: bool = False, share_checks: bool = True):
+                 keep_views: bool = False, share_checks: bool = True,
+                 share_reads: bool = True):
         self.writer = writer
         self.model = model
         self.probe = probe
         self.keep_views = keep_views
         self.share_checks = share_checks
         self._checks = _KeyedCache(CHECKS_CACHE_ENTRIES)
+        self._memo = ReadSetMemo(enabled=share_reads and
+                                 getattr(writer, "reads_through_device", False))
+        self.memo_hits = 0
         self._cache: dict[object, Examined] = {}
         self._recorded: dict[object, Examined] = {}
         self.cache_hits = 0
@@ -108,7 +115,11 @@ class Judge:
             if hit is not None:
                 self.cache_hits += 1
                 return hit
-        ex = self._examine(image, record)
+        ex = None if record else self._memo.find(image)
+        if ex is None:
+            ex = self._examine(image, record)
+        else:
+            self.memo_hits += 1
         if key is not None:
             cache[key] = ex
             if record:
@@ -124,9 +135,18 @@ class Judge:
         self._recorded.clear()
 
     def _examine(self, image: SparseImage, record: bool) -> Examined:
+        reads = self._memo.reads_for(image) if not record else None
+        ex = self._examine_on(image, record, reads)
+        if reads is not None:
+            self._memo.add(image, reads, ex)
+        return ex
+
+    def _examine_on(self, image: SparseImage, record: bool,
+                    reads: list[tuple[int, int]] | None) -> Examined:
         work = image.fork()
         rec_trace = Trace(base=image) if record else None
-        dev = ImageDevice(work, trace=rec_trace)
+        dev = ImageDevice(work, trace=rec_trace) if reads is None else \
+            ReadLogDevice(work, reads)
         try:
             recovery = run_sync(self.writer.recover(dev)) or Recovery()
         except RecoveryError as exc:
@@ -150,7 +170,7 @@ class Judge:
         if self.keep_views:
             ex.view = view
         if self.probe and ex.matched_k and not ex.structure:
-            ex.probe_error = self._probe_once(work, checks)
+            ex.probe_error = self._probe_once(work, checks, reads)
         return ex
 
     def _checks_of(self, dev: ImageDevice) -> "_Checks":
@@ -164,13 +184,16 @@ class Judge:
                 self._checks.put(key, checks)
         return checks
 
-    def _probe_once(self, recovered: SparseImage, checks: "_Checks") -> str | None:
+    def _probe_once(self, recovered: SparseImage, checks: "_Checks",
+                    reads: list[tuple[int, int]] | None = None) -> str | None:
         if not checks.probed:
-            checks.probe_error, checks.probed = self._probe(recovered), True
+            checks.probe_error, checks.probed = self._probe(recovered, reads), True
         return checks.probe_error
 
-    def _probe(self, recovered: SparseImage) -> str | None:
-        dev = ImageDevice(recovered.fork())
+    def _probe(self, recovered: SparseImage,
+               reads: list[tuple[int, int]] | None = None) -> str | None:
+        dev = ImageDevice(recovered.fork()) if reads is None else \
+            ReadLogDevice(recovered.fork(), reads)
         try:
             run_sync(self.writer.probe(dev))
         except (ProbeFailed, RecoveryError) as exc:

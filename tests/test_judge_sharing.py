@@ -1,8 +1,10 @@
-"""The Judge's shared structure checks change speed only, never a verdict.
+"""The Judge's sharing changes speed only, never a verdict.
 
 ``structure_key`` lets recovered images that differ only in bytes the structure check
-and probe never read share those results. If the VHDX key left out a byte they depend
-on, some state would get another image's verdict; these runs would then differ.
+and probe never read share those results; the read-set memo lets crash states that
+differ only in sectors judging never read share the whole verdict. If either shared
+where it must not, some state would get another state's verdict, and these runs (with
+sharing against without) would differ.
 """
 from pathlib import Path
 
@@ -17,24 +19,51 @@ SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 
 def _outcomes(sc, share: bool):
     ctx = build_context(sc)
-    ctx.judge = Judge(ctx.writer, ctx.model, share_checks=share)
+    ctx.judge = Judge(ctx.writer, ctx.model, share_checks=share, share_reads=share)
     steps = explore_all(ctx, 1)
-    return ctx.judge, [(s.step, sorted(s.outcomes.items()),
+    return ctx.judge, [(s.step, sorted(s.outcomes.items()), sorted(s.paths.items()),
                         [(f.state_id, f.outcome) for f in s.failures]) for s in steps]
 
 
 @pytest.mark.parametrize("name", ["vhdx-defect-no-apply", "vhdx-qemu-alloc",
-                                  "vhdx-2013-alloc", "vhdx-alloc-512"])
-def test_shared_checks_give_the_same_verdicts(name):
+                                  "vhdx-2013-alloc", "vhdx-alloc-512",
+                                  "vhdx-defect-bat-before-data", "wal-clean",
+                                  "wal-commit-before-data-flush"])
+def test_sharing_gives_the_same_verdicts(name):
     sc = load_scenario(SCENARIOS / f"{name}.yaml")
     sc = sc.model_copy(update={"explore": sc.explore.model_copy(
         update={"max_states_per_step": 12, "recovery_crash": False})})
     shared_judge, shared = _outcomes(sc, True)
     _, alone = _outcomes(sc, False)
     assert shared == alone
-    outcomes = {o for _, counts, _ in shared for o, _ in counts}
-    assert outcomes & {"old", "new", "stuck", "structure"}  # states got that far
-    assert shared_judge._checks._count > 0  # and the key was in use
+    outcomes = {o for _, counts, _, _ in shared for o, _ in counts}
+    assert outcomes & {"old", "new", "stuck", "structure", "mixed"}
+    if name in ("vhdx-alloc-512", "vhdx-qemu-alloc", "wal-clean"):
+        assert shared_judge.memo_hits > 0  # the memo was in use
+    if name.startswith("vhdx"):
+        assert shared_judge._checks._count > 0  # and so was the structure key
+
+
+def test_memo_never_shares_a_state_whose_read_sectors_differ():
+    """A state that differs from a judged one in a sector judging read is judged anew."""
+    from crashsim.crashstates import enumerate_states, iter_steps
+    sc = load_scenario(SCENARIOS / "vhdx-alloc-512.yaml")
+    ctx = build_context(sc)
+    judge = ctx.judge
+    for st in iter_steps(ctx.trace):
+        states = enumerate_states(st, 16, 1)
+        if len(states) < 4:
+            continue
+        for cs in states:
+            before = judge.memo_hits
+            ex = judge.examine(cs.image)
+            if judge.memo_hits > before:  # shared: must equal a fresh judging
+                fresh = Judge(ctx.writer, ctx.model, share_reads=False)
+                assert fresh.examine(cs.image).matched_k == ex.matched_k
+                assert fresh.examine(cs.image).recovery.branches == ex.recovery.branches
+        if st.p > 200:
+            break
+    assert judge.memo_hits > 0
 
 
 def test_vhdx_key_covers_the_bat_but_not_payload():

@@ -18,6 +18,11 @@ verdict. The contract, in the order the explorer uses it:
 ``probe(dev)``
     A generator that runs one more transaction on a recovered image (liveness);
     raises ``ProbeFailed`` when the image can no longer be used.
+``reads_through_device`` (optional class attribute, default False)
+    True promises that recover, view, check_structure and probe read the image only
+    through the device they get and are deterministic (any randomness seeded). The
+    oracle then reuses a verdict for states that differ only in sectors judging never
+    read (see ``readset.py``). Never set it for a writer that runs an external tool.
 ``structure_key(dev)`` (optional)
     Every byte that ``check_structure`` and ``probe`` read, as one bytes object, or
     None when unsure. Recovered images with equal keys share those two results, so a
