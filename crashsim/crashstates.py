@@ -194,13 +194,22 @@ class CrashState:
     state_id: str
     tier: str
     p: int
-    image: SparseImage
+    built: SparseImage | None  # None until ``image`` is first asked for
     survivors: list[int]
     torn: list[tuple[int, int]]  # (io, unit) not applied cleanly, of partly applied writes
     garbage_units: list[tuple[int, int]]
     content_key: str
     picks: tuple[Pick, ...] = ()
     step: "StepStates | None" = field(default=None, repr=False, compare=False)
+    assign: "Assignment | None" = field(default=None, repr=False, compare=False)
+
+    @property
+    def image(self) -> SparseImage:
+        """Built on first use: most states are judged from the verdict cache by their
+        content key alone, and never need their image."""
+        if self.built is None:
+            self.built, _ = _build(self.step, self.assign)
+        return self.built
 
 
 class _PrefixView(Sequence):
@@ -649,8 +658,8 @@ def _build(step: StepStates, assign: Assignment) -> tuple[SparseImage, str]:
     return img, key_of(img.size_bytes, h)
 
 
-def _state(step: StepStates, img: SparseImage, key: str, picks: tuple[Pick, ...],
-           tier: str) -> CrashState:
+def _state(step: StepStates, img: SparseImage | None, key: str, picks: tuple[Pick, ...],
+           tier: str, assign: Assignment | None = None) -> CrashState:
     torn: list[tuple[int, int]] = []
     garbage: list[tuple[int, int]] = []
     for pick in picks:
@@ -660,7 +669,7 @@ def _state(step: StepStates, img: SparseImage, key: str, picks: tuple[Pick, ...]
         garbage += [(pick.io_id, r) for r in sorted(pick.garbage)]
     survivors = [pick.io_id for pick in picks if pick.applied]
     return CrashState(format_state_id(step.p, picks), tier, step.p, img, survivors, torn,
-                      garbage, key, picks, step)
+                      garbage, key, picks, step, assign)
 
 
 def state_from_picks(step: StepStates, picks: Sequence[Pick], tier: str) -> CrashState:
@@ -686,12 +695,16 @@ class _Enumerator:
         """Add the state unless seen; False once the budget is spent."""
         if self.remaining <= 0:
             return False
-        if _quick_key(self.step, assign) in self.seen:
+        key = _quick_key(self.step, assign)
+        if key in self.seen:
             return True
-        img, key = _build(self.step, assign)
+        img = None
+        if key is None:  # garbage or part sectors: the key needs the image
+            img, key = _build(self.step, assign)
         if key not in self.seen:
             self.seen.add(key)
-            self.states.append(_state(self.step, img, key, _picks(self.step, assign), tier))
+            self.states.append(_state(self.step, img, key, _picks(self.step, assign), tier,
+                                      assign))
         return self.remaining > 0
 
     def device(self) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import crc32c
 
@@ -102,19 +103,22 @@ class Judge:
         self._recorded: dict[object, Examined] = {}
         self.cache_hits = 0
 
-    def judge(self, image: SparseImage, acked: int, started: int,
+    def judge(self, image: SparseImage | Callable[[], SparseImage], acked: int, started: int,
               key: object | None = None, record: bool = False) -> Verdict:
         return classify(self.examine(image, key, record), acked, started)
 
-    def examine(self, image: SparseImage, key: object | None = None,
-                record: bool = False) -> Examined:
-        """Recover ``image`` (cached by ``key``); ``record`` keeps recovery's own trace."""
+    def examine(self, image: SparseImage | Callable[[], SparseImage],
+                key: object | None = None, record: bool = False) -> Examined:
+        """Recover ``image`` (cached by ``key``); ``record`` keeps recovery's own trace.
+        ``image`` may be a function that builds it, called only on a cache miss."""
         cache = self._recorded if record else self._cache
         if key is not None:
             hit = cache.get(key)
             if hit is not None:
                 self.cache_hits += 1
                 return hit
+        if callable(image):
+            image = image()
         ex = None if record else self._memo.find(image)
         if ex is None:
             ex = self._examine(image, record)
