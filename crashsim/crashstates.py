@@ -691,11 +691,12 @@ class _Enumerator:
     def remaining(self) -> int:
         return self.budget - len(self.states)
 
-    def add(self, tier: str, assign: Assignment) -> bool:
+    def add(self, tier: str, assign: Assignment, key: str | None = None) -> bool:
         """Add the state unless seen; False once the budget is spent."""
         if self.remaining <= 0:
             return False
-        key = _quick_key(self.step, assign)
+        if key is None:
+            key = _quick_key(self.step, assign)
         if key in self.seen:
             return True
         img = None
@@ -735,8 +736,8 @@ class _Enumerator:
         variants = [False, True] if self.garbage else [False]
         for with_garbage in variants:
             for pw in self.step.pending:
-                for assign in _tears(pw, with_garbage):
-                    if not self.add("torn", assign):
+                for assign, key in _tears(self.step, pw, with_garbage):
+                    if not self.add("torn", assign, key):
                         return
 
     def random(self) -> None:
@@ -786,18 +787,45 @@ def _distinct_candidates(step: StepStates) -> dict[int, list[int]]:
     return out
 
 
-def _tears(pw: PendingWrite, with_garbage: bool) -> Iterator[Assignment]:
-    """Prefix [0:j] and suffix [j:] of each boundary j; garbage marks the boundary unit."""
-    for j in range(1, pw.n_units):
-        parts = [(range(0, j), j), (range(j, pw.n_units), j - 1)]
-        for units, boundary in parts:
-            assign = {pw.first_unit + r: (pw.io_id, False) for r in units if pw.legal(r)}
+def _tears(step: StepStates, pw: PendingWrite, with_garbage: bool
+           ) -> Iterator[tuple[Assignment, str | None]]:
+    """Prefix [0:j] and suffix [j:] of each boundary j; garbage marks the boundary unit.
+    Each comes with its content key when running sums over the write's units give it
+    cheaply (clean, whole-sector units), else None."""
+    io, first, n = pw.io_id, pw.first_unit, pw.n_units
+    sums = None if with_garbage or pw.illegal else _unit_sums(step, pw)
+    clean = (io, False)
+    for j in range(1, n):
+        for lo, hi, boundary in ((0, j, j), (j, n, j - 1)):
+            if pw.illegal:
+                assign = {first + r: clean for r in range(lo, hi) if pw.legal(r)}
+            else:
+                assign = dict.fromkeys(range(first + lo, first + hi), clean)
             if with_garbage:
                 if not pw.legal(boundary):
                     continue
-                assign[pw.first_unit + boundary] = (pw.io_id, True)
+                assign[first + boundary] = (io, True)
             if assign:
-                yield assign
+                yield assign, None if sums is None else _range_key(step, sums, lo, hi)
+
+
+def _unit_sums(step: StepStates, pw: PendingWrite) -> tuple[list[int], list[int]] | None:
+    """Running hash deltas over the write's units, and each unit's end byte."""
+    sums, ends = [0], []
+    for r in range(pw.n_units):
+        delta = step.unit_delta(pw.io_id, r)
+        if delta is None:
+            return None
+        sums.append(sums[-1] + delta[0])
+        ends.append(delta[1])
+    return sums, ends
+
+
+def _range_key(step: StepStates, sums: tuple[list[int], list[int]], lo: int, hi: int
+               ) -> str:
+    total, ends = sums
+    return key_of(max(step.durable.size_bytes, ends[hi - 1]),
+                  step.durable_hash + total[hi] - total[lo])
 
 
 def enumerate_states(step: StepStates, budget: int, seed: int = 0,
