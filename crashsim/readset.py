@@ -45,6 +45,7 @@ class ReadLogDevice(ImageDevice):
 @dataclass
 class _Judged:
     sectors: dict[int, bytes]  # the state's own layer over the durable layer
+    own_pages: frozenset[int]  # pages those sectors lie in
     size_bytes: int
     pages: frozenset[int]  # pages any read touched: a cheap first filter
     starts: list[int]  # merged sector intervals read, sorted
@@ -67,9 +68,13 @@ class ReadSetMemo:
         """The result of a judged state that ``image`` agrees with where it was read."""
         if not self._applies(image) or image.parent is not self._durable:
             return None
+        own = _pages_of(image.sectors)
         for judged in reversed(self._judged):
-            if judged.size_bytes == image.size_bytes and \
-                    _agrees(image.sectors, judged, image.parent):
+            if judged.size_bytes != image.size_bytes:
+                continue
+            if judged.pages.isdisjoint(own) and judged.pages.isdisjoint(judged.own_pages):
+                return judged.result  # neither state's own sectors were read at all
+            if _agrees(image.sectors, judged, image.parent):
                 return judged.result
         return None
 
@@ -85,8 +90,12 @@ class ReadSetMemo:
         starts, ends = _merged_sectors(reads)
         pages = frozenset(p for a, b in zip(starts, ends)
                           for p in range(a // PAGE_SECTORS, b // PAGE_SECTORS + 1))
-        self._judged.append(_Judged(image.sectors, image.size_bytes, pages, starts, ends,
-                                    result))
+        self._judged.append(_Judged(image.sectors, _pages_of(image.sectors),
+                                    image.size_bytes, pages, starts, ends, result))
+
+
+def _pages_of(sectors: dict[int, bytes]) -> frozenset[int]:
+    return frozenset(x // PAGE_SECTORS for x in sectors)
 
 
 def _merged_sectors(reads: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
