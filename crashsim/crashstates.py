@@ -609,14 +609,17 @@ def _assignment(step: StepStates, picks: Sequence[Pick]) -> Assignment:
 
 
 def _picks(step: StepStates, assign: Assignment) -> tuple[Pick, ...]:
-    clean: dict[int, set[int]] = {}
-    garbage: dict[int, set[int]] = {}
-    for unit, (io, is_garbage) in assign.items():
-        rel = unit - step.by_io[io].first_unit
-        (garbage if is_garbage else clean).setdefault(io, set()).add(rel)
-    return tuple(Pick(io, step.by_io[io].n_units, frozenset(clean.get(io, ())),
-                      frozenset(garbage.get(io, ())))
-                 for io in sorted(set(clean) | set(garbage)))
+    units_of: dict[tuple[int, bool], list[int]] = {}
+    for unit, choice in assign.items():  # group first: one dict op per unit
+        units_of.setdefault(choice, []).append(unit)
+    clean: dict[int, frozenset[int]] = {}
+    garbage: dict[int, frozenset[int]] = {}
+    for (io, is_garbage), units in units_of.items():
+        first = step.by_io[io].first_unit
+        (garbage if is_garbage else clean)[io] = frozenset([u - first for u in units])
+    return tuple(Pick(io, step.by_io[io].n_units, clean.get(io, frozenset()),
+                      garbage.get(io, frozenset()))
+                 for io in sorted(clean.keys() | garbage.keys()))
 
 
 def _quick_key(step: StepStates, assign: Assignment) -> str | None:
@@ -667,9 +670,9 @@ def _state(step: StepStates, img: SparseImage | None, key: str, picks: tuple[Pic
     torn: list[tuple[int, int]] = []
     garbage: list[tuple[int, int]] = []
     for pick in picks:
-        legal = set(step.by_io[pick.io_id].legal_units)
-        if pick.clean != legal or pick.garbage:
-            torn += [(pick.io_id, r) for r in sorted(legal - pick.clean)]
+        pw = step.by_io[pick.io_id]
+        if len(pick.clean) != pw.n_units - len(pw.illegal) or pick.garbage:
+            torn += [(pick.io_id, r) for r in pw.legal_units if r not in pick.clean]
         garbage += [(pick.io_id, r) for r in sorted(pick.garbage)]
     survivors = [pick.io_id for pick in picks if pick.applied]
     return CrashState(format_state_id(step.p, picks), tier, step.p, img, survivors, torn,
