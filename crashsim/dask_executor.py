@@ -12,22 +12,26 @@ from typing import Iterator
 from .scenario import Scenario
 from .trace import Trace
 
-_CONTEXTS: dict[str, object] = {}
+_CONTEXTS: dict[tuple[str, int], object] = {}
 
 
 def _explore_chunk(scenario: Scenario, trace: Trace, steps: list[int]):
-    from .explore import build_context, explore_steps
-    key = scenario.digest()
+    from .explore import build_context, judge_steps
+    key = (scenario.digest(), scenario.explore.max_memory_mib)
     ctx = _CONTEXTS.get(key)
     if ctx is None:
         ctx = _CONTEXTS[key] = build_context(scenario, trace)
-    return explore_steps(ctx, steps)
+    return judge_steps(ctx, steps)  # under the scenario's memory cap, per worker
 
 
 def map_chunks(scenario: Scenario, trace: Trace, parts: list[list[int]],
-               scheduler: str | None, workers: int) -> Iterator[list]:
+               scheduler: str | None, workers: int
+               ) -> Iterator[tuple[list[int], list | None]]:
+    """(chunk, its results) in chunk order; None for a chunk whose worker died (dask
+    gives up on a task after ``distributed.scheduler.allowed-failures`` deaths)."""
     try:
         from dask.distributed import Client, LocalCluster
+        from distributed.scheduler import KilledWorker
     except ImportError:
         raise RuntimeError("the dask executor needs the optional extra: "
                            "pip install 'crashsim[dask]'") from None
@@ -42,8 +46,11 @@ def map_chunks(scenario: Scenario, trace: Trace, parts: list[list[int]],
         sc_f, tr_f = client.scatter([scenario, trace], broadcast=True)
         futures = [client.submit(_explore_chunk, sc_f, tr_f, part, pure=False)
                    for part in parts]
-        for fut in futures:
-            yield fut.result()
+        for part, fut in zip(parts, futures):
+            try:
+                yield part, fut.result()
+            except KilledWorker:
+                yield part, None
     finally:
         client.close()
         if cluster is not None:

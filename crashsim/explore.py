@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from . import crashstates
 from .blockdev import ImageDevice, run_sync
 from .device import DeviceConfig, simulate
+from .interrupt import quiet_worker_signals
+from .memory import MemoryCap
 from .model import RangeModel
 from .oracle import Judge, Verdict
+from .pool import rejudge_lost, stop_pool
 from .scenario import Scenario
 from .trace import Trace
 from .writers import load_writer_class
@@ -53,6 +57,8 @@ class StepResult:
     heat: Counter = field(default_factory=Counter)
     paths: Counter = field(default_factory=Counter)
     failures: list[Failure] = field(default_factory=list)
+    capped: bool = False  # the memory cap stopped judging: all legal states skipped
+    notes: dict[str, str] = field(default_factory=dict)  # outcome -> why (worker-crash)
 
 
 # -- the per-process context ----------------------------------------------------------
@@ -121,7 +127,7 @@ def iter_results(ctx: Context, steps: Iterable[int]) -> Iterator[StepResult]:
     """Judge the wanted crash points; the trace is walked once, up to the last of them."""
     wanted = set(steps)
     last = max(wanted, default=-1)
-    for st in crashstates.iter_steps(ctx.trace):
+    for st in crashstates.iter_steps(ctx.trace, min(wanted, default=0)):
         if st.p in wanted:
             yield _explore_step(ctx, st)
         if st.p >= last:
@@ -140,7 +146,7 @@ def _explore_step(ctx: Context, st) -> StepResult:
     res.skipped = max(0, st.legal_count - len(states))
     for cs in states:
         key = _key(cs)
-        verdict = ctx.judge.judge(cs.image, acked, started, key=key)
+        verdict = ctx.judge.judge(lambda: cs.image, acked, started, key=key)
         _count(res, cs, verdict, key)
         if ex.recovery_crash:
             _recovery_crash(ctx, res, cs, acked, started)
@@ -200,57 +206,157 @@ def build_any(ctx: Context, state_id: str):
 
 
 # -- orchestration --------------------------------------------------------------------
+# Chunks of crash points are judged serially, by a process pool or on Dask; results are
+# merged by step, so they do not depend on which. Each finished chunk is handed to
+# ``on_chunk`` (the checkpoint) as it arrives. Ctrl-C/SIGTERM stops the pool at once and
+# raises ExploreInterrupted with every step judged so far.
 
 _WORKER: Context | None = None
 
 
+class ExploreInterrupted(KeyboardInterrupt):
+    """The run was interrupted; ``done`` holds the steps judged (or saved) so far."""
+
+    def __init__(self, done: list[StepResult]):
+        super().__init__(f"interrupted with {len(done)} crash points judged")
+        self.done = done
+
+
 def _init_worker(scenario: Scenario, trace: Trace) -> None:
     global _WORKER
+    quiet_worker_signals()
     _WORKER = build_context(scenario, trace)
 
 
 def _run_chunk(steps: list[int]) -> list[StepResult]:
     assert _WORKER is not None
-    return explore_steps(_WORKER, steps)
+    return judge_steps(_WORKER, steps)
 
 
-def chunks(n_points: int, workers: int) -> list[list[int]]:
-    """Contiguous chunks of crash points, a few per worker for balance.
+def judge_steps(ctx: Context, steps: Iterable[int]) -> list[StepResult]:
+    return list(iter_judged(ctx, steps))
+
+
+def iter_judged(ctx: Context, steps: Iterable[int]) -> Iterator[StepResult]:
+    """``iter_results`` under the memory cap: once this process is over it (after
+    dropping its judge cache), the rest of the steps are skipped, marked ``capped``."""
+    cap = MemoryCap(ctx.scenario.explore.max_memory_mib, ctx.judge)
+    begin = getattr(ctx.judge, "begin_step", None)  # the guarded judge counts its calls
+    wanted = set(steps)
+    last = max(wanted, default=-1)
+    for st in crashstates.iter_steps(ctx.trace, min(wanted, default=0)):
+        if st.p in wanted:
+            if cap.exceeded():
+                yield capped_step(ctx, st)
+            else:
+                if begin is not None:
+                    begin(st.p)
+                yield _explore_step(ctx, st)
+        if st.p >= last:
+            break
+
+
+def capped_step(ctx: Context, st) -> StepResult:
+    """A crash point not judged for the memory cap: every legal state is skipped."""
+    return StepResult(st.p, len(st.pending), len(st.durable_ids), ctx.trace.acked(st.p),
+                      ctx.trace.started(st.p), st.legal_count, st.legal_log10,
+                      skipped=st.legal_count, capped=True)
+
+
+def chunks(n_points: int, workers: int, todo: list[int] | None = None) -> list[list[int]]:
+    """Contiguous chunks of crash points (of ``todo`` when given), a few per worker.
 
     Each chunk walks the trace from its start up to its last point, so few chunks keep
     that walk cheap while several per worker even out the load.
     """
-    size = max(1, math.ceil(n_points / (workers * 4)))
-    return [list(range(i, min(i + size, n_points))) for i in range(0, n_points, size)]
+    points = list(range(n_points)) if todo is None else sorted(todo)
+    size = max(1, math.ceil(len(points) / (workers * 4)))
+    return [points[i:i + size] for i in range(0, len(points), size)]
 
 
 def explore_all(ctx: Context, workers: int = 1,
                 progress: Callable[[int, int], None] | None = None,
-                executor: str = "process", scheduler: str | None = None
+                executor: str = "process", scheduler: str | None = None, *,
+                saved: list[StepResult] | None = None,
+                on_chunk: Callable[[list[StepResult]], None] | None = None
                 ) -> list[StepResult]:
+    """Every crash point's result, in step order; those in ``saved`` are not judged."""
     n_points = ctx.trace.n_steps + 1
-    parts = chunks(n_points, workers)
-    results: list[StepResult] = []
-    if executor == "dask":
-        from .dask_executor import map_chunks
-        for chunk_result in map_chunks(ctx.scenario, ctx.trace, parts, scheduler, workers):
-            results += chunk_result
-            if progress:
-                progress(len(results), n_points)
-    elif workers <= 1:
-        for res in iter_results(ctx, range(n_points)):
-            results.append(res)
-            if progress:
-                progress(len(results), n_points)
-    else:
-        with ProcessPoolExecutor(workers, initializer=_init_worker,
-                                 initargs=(ctx.scenario, ctx.trace)) as pool:
-            for chunk_result in pool.map(_run_chunk, parts):
-                results += chunk_result
-                if progress:
-                    progress(len(results), n_points)
-    results.sort(key=lambda r: r.step)
-    return results
+    done = {r.step: r for r in saved or []}
+    parts = chunks(n_points, workers, [p for p in range(n_points) if p not in done])
+
+    def collect(chunk: list[StepResult]) -> None:
+        for res in chunk:
+            done[res.step] = res
+        if on_chunk:
+            on_chunk(chunk)
+        if progress:
+            progress(len(done), n_points)
+
+    try:
+        if not parts:
+            pass
+        elif executor == "dask":
+            _explore_dask(ctx, parts, workers, scheduler, collect)
+        elif workers <= 1:
+            _explore_serial(ctx, parts, collect)
+        else:
+            _explore_pool(ctx, parts, workers, collect)
+    except KeyboardInterrupt:
+        raise ExploreInterrupted([done[p] for p in sorted(done)]) from None
+    return [done[p] for p in sorted(done)]
+
+
+def _explore_serial(ctx: Context, parts: list[list[int]],
+                    collect: Callable[[list[StepResult]], None]) -> None:
+    """One walk over the trace; each chunk is handed on when its last step is done."""
+    ends = {part[-1] for part in parts}
+    chunk: list[StepResult] = []
+    for res in iter_judged(ctx, [p for part in parts for p in part]):
+        chunk.append(res)
+        if res.step in ends:
+            collect(chunk)
+            chunk = []
+
+
+def _explore_dask(ctx: Context, parts: list[list[int]], workers: int,
+                  scheduler: str | None,
+                  collect: Callable[[list[StepResult]], None]) -> None:
+    """Chunks as Dask tasks; chunks whose worker died are judged again here, as for a
+    broken pool (the plugin is importable here: this process built the context)."""
+    from .dask_executor import map_chunks
+    lost: list[list[int]] = []
+    for part, chunk in map_chunks(ctx.scenario, ctx.trace, parts, scheduler, workers):
+        if chunk is None:
+            lost.append(part)
+        else:
+            collect(chunk)
+    if lost:
+        rejudge_lost(ctx, lost, collect)
+
+
+def _explore_pool(ctx: Context, parts: list[list[int]], workers: int,
+                  collect: Callable[[list[StepResult]], None]) -> None:
+    """Chunks on a process pool, collected as they finish; chunks lost to a dead worker
+    are judged again afterwards, isolating the states that kill the process."""
+    pool = ProcessPoolExecutor(workers, initializer=_init_worker,
+                               initargs=(ctx.scenario, ctx.trace))
+    lost: list[list[int]] = []
+    try:
+        futures = {pool.submit(_run_chunk, part): part for part in parts}
+        for fut in as_completed(futures):
+            try:
+                chunk = fut.result()
+            except BrokenProcessPool:
+                lost.append(futures[fut])
+                continue
+            collect(chunk)
+        pool.shutdown()
+    except BaseException:
+        stop_pool(pool)
+        raise
+    if lost:
+        rejudge_lost(ctx, lost, collect)
 
 
 def shrink_failure(ctx: Context, failure: Failure):

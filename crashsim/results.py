@@ -14,28 +14,44 @@ from typing import Any
 from . import __version__
 from .diff import view_diff
 from .explore import Context, Failure, StepResult, build_any, shrink_failure
+from .pool import WORKER_CRASH
 from .scenario import OUTCOME_CLASSES, VIOLATION_CLASSES, Scenario
 
 SHRINK_PER_CLASS = 3
 EXACT_LIMIT = 10**18
+# A worker process that died judging a state is a finding about the writer, like
+# recovery-error; it exists only in results (a scenario cannot expect it).
+RESULT_CLASSES = OUTCOME_CLASSES + (WORKER_CRASH,)
+RESULT_VIOLATIONS = VIOLATION_CLASSES + (WORKER_CRASH,)
+SKIP_BUDGET, SKIP_MEMORY = "max_states_per_step", "memory_cap"
 
 
 def build_results(ctx: Context, steps: list[StepResult], scenario_path: str,
-                  complete: bool = True) -> dict[str, Any]:
+                  complete: bool = True, shrink: bool | None = None) -> dict[str, Any]:
+    """The results of the crash points in ``steps``; any crash point missing from it
+    (an interrupted run) makes them incomplete, and an incomplete run is not shrunk."""
     sc = ctx.scenario
-    violations = _violations(ctx, steps, scenario_path)
-    counts = Counter(v["class"] for v in violations)
-    totals = _totals(steps)
-    found = {c for c, n in totals["outcomes"].items() if n and c in VIOLATION_CLASSES}
+    unexplored = _missing(ctx.trace.n_steps + 1, steps)
+    complete = complete and not unexplored
+    shrink = sc.explore.shrink and complete if shrink is None else shrink
+    violations = _violations(ctx, steps, scenario_path, shrink)
+    totals = _totals(ctx, steps)
+    found = {c for c, n in totals["outcomes"].items() if n and c in RESULT_VIOLATIONS}
+    skipped, skipped_log10 = _legal([s.skipped for s in steps])
     return {
         "crashsim_version": __version__,
         "scenario": _scenario_block(sc, scenario_path),
         "verdict": "pass" if expect_met(sc, found) and complete else "fail",
         "complete": complete,
-        # Legal states not explored (budget): exact, or null when beyond 10^18 (see
-        # skipped_states_log10). A run never claims full coverage it did not have.
-        "skipped_states": _legal([s.skipped for s in steps])[0],
-        "skipped_states_log10": _legal([s.skipped for s in steps])[1],
+        # Crash points an interrupted run did not reach (ranges of steps, inclusive).
+        "unexplored_crash_points": len(unexplored),
+        "unexplored_steps": _ranges(unexplored),
+        # Legal states not explored: exact, or null when beyond 10^18 (see
+        # skipped_states_log10), and why. A run never claims coverage it did not have.
+        "skipped_states": skipped,
+        "skipped_states_log10": skipped_log10,
+        "skipped_reasons": _skip_reasons(steps),
+        "memory_capped_crash_points": sum(1 for s in steps if s.capped),
         "workload_error": ctx.trace.failed,
         "totals": totals,
         "per_step": [_step_block(ctx, s) for s in steps],
@@ -43,7 +59,7 @@ def build_results(ctx: Context, steps: list[StepResult], scenario_path: str,
         "timeline": timeline(ctx.trace),
         "heatmap": {"cells": _heat(steps)},
         "violations": violations,
-        "violation_counts": {c: totals["outcomes"][c] for c in VIOLATION_CLASSES},
+        "violation_counts": {c: totals["outcomes"][c] for c in RESULT_VIOLATIONS},
         "violation_classes_found": sorted(found),
     }
 
@@ -74,18 +90,43 @@ def _legal(values: list[int]) -> tuple[int | None, float]:
     return (total if total < EXACT_LIMIT else None), log10
 
 
-def _totals(steps: list[StepResult]) -> dict[str, Any]:
+def _missing(n_points: int, steps: list[StepResult]) -> list[int]:
+    have = {s.step for s in steps}
+    return [p for p in range(n_points) if p not in have]
+
+
+def _ranges(points: list[int]) -> list[list[int]]:
+    """[1, 2, 3, 7] -> [[1, 3], [7, 7]]"""
+    out: list[list[int]] = []
+    for p in points:
+        if out and out[-1][1] == p - 1:
+            out[-1][1] = p
+        else:
+            out.append([p, p])
+    return out
+
+
+def _skip_reasons(steps: list[StepResult]) -> list[str]:
+    reasons = []
+    if any(s.skipped and not s.capped for s in steps):
+        reasons.append(SKIP_BUDGET)
+    if any(s.capped for s in steps):
+        reasons.append(SKIP_MEMORY)
+    return reasons
+
+
+def _totals(ctx: Context, steps: list[StepResult]) -> dict[str, Any]:
     legal, log10 = _legal([s.legal for s in steps])
     outcomes = Counter()
     seen: set[str] = set()
     for s in steps:
         outcomes.update(s.outcomes)
         seen.update(s.keys)
-    return {"steps": max(0, len(steps) - 1), "crash_points": len(steps),
+    return {"steps": ctx.trace.n_steps, "crash_points": ctx.trace.n_steps + 1,
             "legal_states": legal, "legal_states_log10": log10,
             "explored": sum(s.explored for s in steps), "distinct": len(seen),
             "recovery_explored": sum(s.recovery_explored for s in steps),
-            "outcomes": {c: outcomes.get(c, 0) for c in OUTCOME_CLASSES}}
+            "outcomes": {c: outcomes.get(c, 0) for c in RESULT_CLASSES}}
 
 
 def _step_block(ctx: Context, s: StepResult) -> dict[str, Any]:
@@ -95,12 +136,15 @@ def _step_block(ctx: Context, s: StepResult) -> dict[str, Any]:
         st = ctx.trace.steps[s.step - 1]
         kind, io_id, time_us = st.kind, st.io_id, st.time_us
     legal, log10 = _legal([s.legal])
-    return {"step": s.step, "kind": kind, "io_id": io_id, "time_us": time_us,
-            "pending": s.pending, "durable": s.durable, "acked": s.acked,
-            "started": s.started, "legal_states": legal, "legal_states_log10": log10,
-            "explored": s.explored, "distinct": len(set(s.keys)),
-            "recovery_explored": s.recovery_explored,
-            "outcomes": {c: s.outcomes[c] for c in OUTCOME_CLASSES if s.outcomes[c]}}
+    block = {"step": s.step, "kind": kind, "io_id": io_id, "time_us": time_us,
+             "pending": s.pending, "durable": s.durable, "acked": s.acked,
+             "started": s.started, "legal_states": legal, "legal_states_log10": log10,
+             "explored": s.explored, "distinct": len(set(s.keys)),
+             "recovery_explored": s.recovery_explored,
+             "outcomes": {c: s.outcomes[c] for c in RESULT_CLASSES if s.outcomes[c]}}
+    if s.capped:
+        block["memory_capped"] = True
+    return block
 
 
 def _heat(steps: list[StepResult]) -> list[dict[str, Any]]:
@@ -133,16 +177,18 @@ def timeline(trace) -> dict[str, Any]:
 
 # -- violations -----------------------------------------------------------------------
 
-def _violations(ctx: Context, steps: list[StepResult], path: str) -> list[dict[str, Any]]:
-    by_class: dict[str, list[Failure]] = {}
+def _violations(ctx: Context, steps: list[StepResult], path: str,
+                shrink: bool) -> list[dict[str, Any]]:
+    by_class: dict[str, list[tuple[Failure, StepResult]]] = {}
     for s in steps:
         for f in s.failures:
-            by_class.setdefault(f.outcome, []).append(f)
+            by_class.setdefault(f.outcome, []).append((f, s))
     out: list[dict[str, Any]] = []
-    for cls in VIOLATION_CLASSES:
+    for cls in RESULT_VIOLATIONS:
         seen_minimal: set[str] = set()
-        for failure in by_class.get(cls, [])[:SHRINK_PER_CLASS]:
-            record = _violation(ctx, failure, path)
+        for failure, step in by_class.get(cls, [])[:SHRINK_PER_CLASS]:
+            record = _worker_crash(ctx, failure, step, path) if cls == WORKER_CRASH \
+                else _violation(ctx, failure, path, shrink)
             if record["minimal_state_id"] in seen_minimal:
                 continue
             seen_minimal.add(record["minimal_state_id"])
@@ -150,9 +196,8 @@ def _violations(ctx: Context, steps: list[StepResult], path: str) -> list[dict[s
     return out
 
 
-def _violation(ctx: Context, f: Failure, path: str) -> dict[str, Any]:
-    minimal = shrink_failure(ctx, f) if ctx.scenario.explore.shrink else \
-        build_any(ctx, f.state_id)
+def _violation(ctx: Context, f: Failure, path: str, shrink: bool) -> dict[str, Any]:
+    minimal = shrink_failure(ctx, f) if shrink else build_any(ctx, f.state_id)
     acked, started = ctx.trace.acked(f.step), ctx.trace.started(f.step)
     verdict = ctx.judge.judge(minimal.image, acked, started)
     actual = ctx.judge.view_of(minimal.image)
@@ -169,6 +214,23 @@ def _violation(ctx: Context, f: Failure, path: str) -> dict[str, Any]:
         "diff": view_diff(ctx.model, expected, actual, block),
         "recovery_log": list(verdict.examined.recovery.decisions),
         "replay_command": replay_command(minimal.state_id, path),
+    }
+
+
+def _worker_crash(ctx: Context, f: Failure, step: StepResult, path: str
+                  ) -> dict[str, Any]:
+    """A state whose judging killed the worker: never judged again here (it would kill
+    this process), so it is its own minimal state and has no diff."""
+    return {
+        "class": f.outcome, "state_id": f.state_id, "minimal_state_id": f.state_id,
+        "step": f.step, "tier": f.tier, "survivors": f.survivors,
+        "torn": [list(t) for t in f.torn], "minimal_survivors": f.survivors,
+        "minimal_torn": [list(t) for t in f.torn],
+        "allowed_k": [ctx.trace.acked(f.step), ctx.trace.started(f.step)],
+        "matched_k": [],
+        "detail": step.notes.get(WORKER_CRASH, "the worker process died judging it"),
+        "diff": "", "recovery_log": [],
+        "replay_command": replay_command(f.state_id, path),
     }
 
 

@@ -44,6 +44,11 @@ def _testcase(result: dict[str, Any], elapsed_s: float) -> ET.Element:
     for key in ("hash", "seed", "path"):
         if key in sc:
             ET.SubElement(props, "property", {"name": key, "value": xml_text(sc[key])})
+    ET.SubElement(props, "property", {"name": "complete",
+                                      "value": str(result.get("complete", True)).lower()})
+    if result.get("skipped_reasons"):
+        ET.SubElement(props, "property", {"name": "skipped_reasons", "value": xml_text(
+            ",".join(result["skipped_reasons"]))})
     if result.get("verdict") != "pass":
         failure = ET.SubElement(case, "failure", {
             "message": xml_text(failure_reason(result)), "type": "ExpectationNotMet"})

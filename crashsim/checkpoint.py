@@ -1,0 +1,106 @@
+"""Saved partial results of one scenario, so an interrupted run can be resumed.
+
+As chunks of crash points are judged (in any order) their ``StepResult`` records are
+written, each chunk as one JSON file, to ``<out>/<scenario folder>/.partial/``::
+
+    steps-<first>-<last>-<count>.json   {"key": {...}, "steps": [StepResult as JSON]}
+
+Every file is written atomically and carries the key it belongs to: the scenario hash,
+seed, memory cap, number of crash points and crashsim version. ``load`` uses only files
+whose key matches, so a changed scenario never reuses stale results. Which worker count
+or chunking wrote a file does not matter: results are per crash point. A finished run
+removes the folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .explore import Context, Failure, StepResult
+from .report.core import atomic_write
+
+PARTIAL_DIR = ".partial"
+FORMAT = 1
+
+
+def run_key(ctx: Context) -> dict[str, Any]:
+    """What saved results must match to be reused."""
+    sc = ctx.scenario
+    return {"format": FORMAT, "crashsim_version": __version__,
+            "scenario_hash": sc.digest(), "seed": sc.explore.seed,
+            "max_memory_mib": sc.explore.max_memory_mib,  # it decides what was skipped
+            "crash_points": ctx.trace.n_steps + 1}
+
+
+class Checkpoint:
+    """The ``.partial`` folder of one scenario's report folder."""
+
+    def __init__(self, scenario_folder: Path, key: dict[str, Any]):
+        self.folder = Path(scenario_folder) / PARTIAL_DIR
+        self.key = key
+        self.stale_files = 0
+
+    def save(self, steps: list[StepResult]) -> None:
+        if not steps:
+            return
+        points = [s.step for s in steps]
+        name = f"steps-{min(points)}-{max(points)}-{len(points)}.json"
+        doc = {"key": self.key, "steps": [step_to_json(s) for s in steps]}
+        atomic_write(self.folder / name, json.dumps(doc, separators=(",", ":")) + "\n")
+
+    def load(self) -> list[StepResult]:
+        """Saved results whose key matches, one per crash point, in step order."""
+        found: dict[int, StepResult] = {}
+        self.stale_files = 0
+        for path in sorted(self.folder.glob("steps-*.json")):
+            try:
+                doc = json.loads(path.read_text())
+                if doc.get("key") != self.key:
+                    raise ValueError("saved for another scenario, seed or version")
+                for item in doc["steps"]:
+                    step = step_from_json(item)
+                    found[step.step] = step
+            except (OSError, ValueError, KeyError, TypeError):
+                self.stale_files += 1
+        return [found[p] for p in sorted(found)]
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# -- StepResult <-> JSON ----------------------------------------------------------------
+# Counters keep their items in order, with tuple keys as lists; failures are objects.
+
+def step_to_json(step: StepResult) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(step):
+        value = getattr(step, f.name)
+        if isinstance(value, Counter):
+            value = [[list(k) if isinstance(k, tuple) else k, n] for k, n in value.items()]
+        elif f.name == "failures":
+            value = [dataclasses.asdict(x) for x in value]
+        out[f.name] = value
+    return out
+
+
+def step_from_json(data: dict[str, Any]) -> StepResult:
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(StepResult):
+        if f.name not in data:
+            raise KeyError(f.name)
+        value = data[f.name]
+        if f.type in ("Counter", Counter):
+            value = Counter({tuple(k) if isinstance(k, list) else k: n for k, n in value})
+        elif f.name == "failures":
+            value = [_failure(x) for x in value]
+        kwargs[f.name] = value
+    return StepResult(**kwargs)
+
+
+def _failure(data: dict[str, Any]) -> Failure:
+    return Failure(**{**data, "torn": [tuple(t) for t in data["torn"]]})
