@@ -1,13 +1,25 @@
-"""``crashsim run`` and ``crashsim replay``: scenarios in, results and reports out."""
+"""``crashsim run`` and ``crashsim replay``: scenarios in, results and reports out.
+
+``run`` keeps each scenario's judged chunks in ``<out>/<scenario>/.partial/`` while it
+runs (see ``checkpoint``), so an interrupted run leaves a partial report and can be
+finished with ``--resume``; a finished scenario removes them.
+"""
 from __future__ import annotations
 
+import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .cli import EXIT_FAIL, EXIT_INPUT, EXIT_OK, InputError
-from .explore import build_any, build_context, explore_all
+from . import __version__
+from .checkpoint import Checkpoint, run_key
+from .cli import EXIT_FAIL, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, InputError
+from .explore import (ExploreInterrupted, StepResult, build_any, build_context,
+                      explore_all)
+from .interrupt import held
+from .pool import WORKER_CRASH, build_results_guarded
 from .results import build_results, dumps
 from .scenario import Scenario, ScenarioError, check_writer, load_scenario
 
@@ -40,23 +52,155 @@ def load_all(paths: list[Path], seed: int | None) -> list[tuple[Path, Scenario]]
 
 
 def run_scenarios(paths: list[Path], *, out_dir: Path, workers: int, seed: int | None,
-                  executor: str = "process", scheduler: str | None = None) -> int:
-    from .report.core import atomic_write, scenario_dir, write_reports
-    scenarios = load_all(paths, seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
+                  executor: str = "process", scheduler: str | None = None,
+                  resume: bool = False, max_memory_mib: int | None = None) -> int:
+    """Run every scenario, then write the reports. Ctrl-C or SIGTERM stops the run:
+    scenarios already done keep their results, the one in progress gets results marked
+    incomplete (its judged chunks stay saved for ``resume``), and the exit code is 130."""
+    from .report.core import prepare_out_dir, write_reports
+    scenarios = [(path, _with_memory_cap(sc, max_memory_mib))
+                 for path, sc in load_all(paths, seed)]
+    prepare_out_dir(out_dir)  # a file, dangling link or unwritable folder: exit 2
     done: list[tuple[dict[str, Any], float]] = []
+    stopped: str | None = None
+    opts = _Options(workers, executor, scheduler, resume)
     with _Progress() as progress:
         for path, sc in scenarios:
             t0 = time.monotonic()
-            results = run_one(sc, str(path), workers, executor, scheduler,
-                              progress.callback(sc.name))
-            elapsed = time.monotonic() - t0
-            atomic_write(scenario_dir(out_dir, sc.name) / "results.json", dumps(results))
-            done.append((results, elapsed))
-            progress.line(summary_line(results, elapsed))
-    write_reports(out_dir, done)
+            try:
+                results = _run_scenario(sc, path, out_dir, opts, progress)
+            except _Stopped as stop:
+                stopped = stop.message
+                if stop.results is not None:
+                    done.append((stop.results, time.monotonic() - t0))
+                    progress.line(summary_line(stop.results, time.monotonic() - t0))
+                break
+            except KeyboardInterrupt:
+                stopped = f"interrupted before {sc.name} was explored"
+                break
+            done.append((results, time.monotonic() - t0))
+            progress.line(summary_line(results, time.monotonic() - t0))
+    with held() as signals:
+        write_reports(out_dir, done)
+    if stopped is None and signals.noted:
+        stopped = "interrupted while writing the report (it is complete)"
+    if stopped is not None:
+        print(f"crashsim: {stopped}; report at {out_dir / 'index.html'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(f"crashsim: report at {out_dir / 'index.html'}", file=sys.stderr)
     return EXIT_OK if all(r["verdict"] == "pass" for r, _ in done) else EXIT_FAIL
+
+
+def _with_memory_cap(sc: Scenario, max_memory_mib: int | None) -> Scenario:
+    if max_memory_mib is None:
+        return sc
+    return sc.model_copy(update={"explore": sc.explore.model_copy(
+        update={"max_memory_mib": max_memory_mib})})
+
+
+@dataclass
+class _Options:
+    workers: int
+    executor: str
+    scheduler: str | None
+    resume: bool
+
+
+class _Stopped(Exception):
+    """A scenario was interrupted; ``results`` are what it got (None: nothing)."""
+
+    def __init__(self, message: str, results: dict[str, Any] | None):
+        super().__init__(message)
+        self.message, self.results = message, results
+
+
+def _run_scenario(sc: Scenario, path: Path, out_dir: Path, opts: _Options,
+                  progress: "_Progress") -> dict[str, Any]:
+    """One scenario's results.json, explored (or resumed) with its judged chunks saved."""
+    from .report.core import atomic_write, scenario_dir
+    folder = scenario_dir(out_dir, sc.name)
+    if opts.resume:
+        finished = _finished_results(folder, sc)
+        if finished is not None:
+            _note(f"resume: {sc.name}: finished earlier; not run again")
+            return finished
+    ctx = None
+    steps: list[StepResult] = []
+    try:
+        ctx = build_context(sc)
+        ckpt = Checkpoint(folder, run_key(ctx))
+        steps = _saved_steps(ckpt, ctx) if opts.resume else []
+        if not steps:
+            ckpt.clear()
+        steps = explore_all(ctx, opts.workers, progress.callback(sc.name), opts.executor,
+                            opts.scheduler, saved=steps, on_chunk=_saver(ckpt))
+        results = _build(ctx, steps, str(path))
+    except KeyboardInterrupt as exc:
+        if ctx is None:
+            raise _Stopped(f"interrupted before {sc.name} was explored", None) from None
+        if isinstance(exc, ExploreInterrupted):
+            steps = exc.done
+        with held():  # a second Ctrl-C must not leave this half done
+            results = build_results(ctx, steps, str(path), complete=False)
+            atomic_write(folder / "results.json", dumps(results))
+        judged = ctx.trace.n_steps + 1 - results["unexplored_crash_points"]
+        raise _Stopped(f"interrupted: {sc.name} has {judged} of {ctx.trace.n_steps + 1} "
+                       f"crash points judged (saved; run the same command with --resume "
+                       f"to finish it)", results) from None
+    with held() as signals:
+        atomic_write(folder / "results.json", dumps(results))
+        ckpt.clear()
+    if signals.noted:
+        raise _Stopped(f"interrupted after {sc.name} finished", results)
+    return results
+
+
+def _saver(ckpt: Checkpoint) -> Callable[[list[StepResult]], None]:
+    def save(chunk: list[StepResult]) -> None:
+        with held() as signals:
+            ckpt.save(chunk)
+        if signals.noted:
+            raise KeyboardInterrupt
+    return save
+
+
+def _saved_steps(ckpt: Checkpoint, ctx) -> list[StepResult]:
+    name, n_points = ctx.scenario.name, ctx.trace.n_steps + 1
+    steps = ckpt.load()
+    if steps:
+        _note(f"resume: {name}: {len(steps)} of {n_points} crash points saved; judging "
+              f"the other {n_points - len(steps)}")
+    elif ckpt.stale_files:
+        _note(f"resume: {name}: the saved results are for another version of the "
+              f"scenario, seed or crashsim; running it from the start")
+    else:
+        _note(f"resume: {name}: nothing saved to resume; running it from the start")
+    return steps
+
+
+def _finished_results(folder: Path, sc: Scenario) -> dict[str, Any] | None:
+    """The scenario's complete results.json, if it is for this very scenario."""
+    try:
+        results = json.loads((folder / "results.json").read_text())
+        block = results["scenario"]
+        same = (results.get("complete") is True
+                and results.get("crashsim_version") == __version__
+                and block.get("hash") == sc.digest()
+                and block.get("seed") == sc.explore.seed
+                and block.get("explore") == sc.explore.model_dump(mode="json"))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return results if same else None
+
+
+def _build(ctx, steps: list[StepResult], path: str) -> dict[str, Any]:
+    if any(s.outcomes.get(WORKER_CRASH) for s in steps):
+        return build_results_guarded(ctx, steps, path)
+    return build_results(ctx, steps, path)
+
+
+def _note(text: str) -> None:
+    print(f"crashsim: {text}", file=sys.stderr, flush=True)
 
 
 def run_one(sc: Scenario, path: str, workers: int = 1, executor: str = "process",
@@ -64,19 +208,42 @@ def run_one(sc: Scenario, path: str, workers: int = 1, executor: str = "process"
             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     ctx = build_context(sc)
     steps = explore_all(ctx, workers, progress, executor, scheduler)
-    return build_results(ctx, steps, path)
+    return _build(ctx, steps, path)
 
 
 def summary_line(results: dict[str, Any], elapsed_s: float) -> str:
+    """One line per scenario; an incomplete run or skipped states are said plainly."""
     t = results["totals"]
     found = ", ".join(f"{c}={n}" for c, n in results["violation_counts"].items() if n)
     verdict = "PASS" if results["verdict"] == "pass" else "FAIL"
     expect = results["scenario"]["expect"]
     expect_text = "pass" if expect == "pass" else "violations " + ",".join(
         expect["violations"])
-    return (f"{verdict} {results['scenario']['name']}: {t['steps']} steps, "
-            f"{t['explored']} states explored ({t['distinct']} distinct), "
+    head = f"{verdict} {results['scenario']['name']}: "
+    if not results.get("complete", True):
+        missing = results.get("unexplored_crash_points", 0)
+        head += (f"INCOMPLETE (interrupted: {missing} of {t['crash_points']} crash points "
+                 f"not judged), " if missing else
+                 "INCOMPLETE (interrupted before shrinking), ")
+    return (f"{head}{t['steps']} steps, {t['explored']} states explored "
+            f"({t['distinct']} distinct){skipped_text(results)}, "
             f"violations: {found or 'none'}; expected {expect_text}; {elapsed_s:.1f}s")
+
+
+def skipped_text(results: dict[str, Any]) -> str:
+    """", 196 legal states skipped (max_states_per_step)", or "" when none were."""
+    reasons = list(results.get("skipped_reasons") or [])
+    exact = results.get("skipped_states")
+    if exact == 0 or not reasons:
+        return ""
+    count = f"{exact}" if exact is not None else \
+        f"~10^{results.get('skipped_states_log10', 0.0):.1f}"
+    if "memory_cap" in reasons:
+        cap = results["scenario"].get("explore", {}).get("max_memory_mib")
+        reasons[reasons.index("memory_cap")] = (
+            f"memory cap of {cap} MiB: {results.get('memory_capped_crash_points', 0)} "
+            f"crash points not judged")
+    return f", {count} legal states skipped ({'; '.join(reasons)})"
 
 
 def replay_state(state_id: str, scenario_path: Path, write_image: Path | None) -> int:

@@ -17,6 +17,8 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.events import (AliasEvent, CollectionEndEvent, CollectionStartEvent,
+                                ScalarEvent)
 
 from .model import Op, random_ops
 from .sizes import parse_size
@@ -27,6 +29,15 @@ MAX_IMAGE_BYTES = 1 << 40          # 1 TiB of virtual disk: the image stays spar
 MAX_STATES_PER_STEP = 1_000_000
 MAX_OPS = 10_000
 MAX_SCENARIO_BYTES = 1 << 20
+# Every op's data is held in memory (several copies: trace, cache, crash states), so
+# one op and the whole workload are capped; the image itself is sparse.
+MAX_OP_BYTES = 16 << 20
+MAX_WORKLOAD_BYTES = 64 << 20
+# A scenario is a few levels deep and at most ~MAX_OPS * 10 values; more is an alias
+# bomb (aliases of aliases of ...) or a deeply nested file, refused before it is built.
+MAX_YAML_NODES = 200_000
+MAX_YAML_DEPTH = 32
+MAX_ARG_CHARS = 4096
 
 
 class ScenarioError(Exception):
@@ -124,8 +135,9 @@ class WriteOp(_Strict):
     @field_validator("length")
     @classmethod
     def _length(cls, v: int) -> int:
-        if not 0 < v <= 1 << 30:
-            raise ValueError("length must be between 1 byte and 1GiB")
+        if not 0 < v <= MAX_OP_BYTES:
+            raise ValueError("length must be between 1 byte and 16MiB (each op's data is "
+                             "held in memory; split a larger write into several ops)")
         return v
 
 
@@ -146,6 +158,14 @@ class RandomSection(_Strict):
     kind: Literal["guest_write", "log_write"] = "guest_write"
     max_length: Size = 256 * 1024
 
+    @field_validator("max_length")
+    @classmethod
+    def _max_length(cls, v: int) -> int:
+        if not 512 <= v <= MAX_OP_BYTES:
+            raise ValueError("max_length must be between 512 bytes and 16MiB (random ops "
+                             "are whole 512-byte sectors, each held in memory)")
+        return v
+
 
 class WorkloadSection(_Strict):
     image: ImageSection = ImageSection()
@@ -159,6 +179,8 @@ class ExploreSection(_Strict):
     recovery_crash: bool = False
     recovery_states_per_step: int = Field(64, ge=1, le=MAX_STATES_PER_STEP)
     shrink: bool = True
+    # Resident memory of each exploring process; past it the rest is skipped and said so.
+    max_memory_mib: int = Field(2048, ge=1, le=1 << 24)
 
 
 class ExpectViolations(_Strict):
@@ -176,7 +198,14 @@ def _arg(v: Any) -> str:
     # YAML reads 64 or 1.5 as numbers; a command line only has strings
     if isinstance(v, bool) or not isinstance(v, (str, int, float)):
         raise ValueError(f"command arguments must be strings, got {v!r}")
-    return str(v)
+    v = str(v)
+    if "\0" in v:
+        raise ValueError("a command argument cannot contain a NUL byte (no program can "
+                         "receive one); remove it")
+    if len(v) > MAX_ARG_CHARS:
+        raise ValueError(f"a command argument is at most {MAX_ARG_CHARS} characters "
+                         f"(got {len(v)}); put long input in a file and name the file")
+    return v
 
 
 Arg = Annotated[str, BeforeValidator(_arg)]
@@ -282,8 +311,9 @@ class Scenario(_Strict):
         return ops
 
     def digest(self) -> str:
-        h = hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True)
-                           .encode())
+        # The memory cap bounds a run, not what is tested: it stays out of the hash.
+        data = self.model_dump(mode="json", exclude={"explore": {"max_memory_mib"}})
+        h = hashlib.sha256(json.dumps(data, sort_keys=True).encode())
         for name in self._input_files():  # a changed trace is a changed scenario
             _hash_file(h, self.resolve_path(name))
         return h.hexdigest()[:16]
@@ -337,29 +367,20 @@ def load_scenario(path: str | Path) -> Scenario:
 
 
 def _read_yaml(path: Path) -> CommentedMap:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ScenarioError([f"{path}:0: file not found (check the path)"]) from None
-    except OSError as exc:
-        raise ScenarioError([f"{path}:0: cannot read: {exc.strerror}"]) from None
-    if len(raw) > MAX_SCENARIO_BYTES:
-        raise ScenarioError([f"{path}:0: file is larger than 1MiB; a scenario is a few "
-                             f"lines of YAML"])
-    if b"&" in raw and b"*" in raw and raw.count(b"*") > 64:
-        raise ScenarioError([f"{path}:0: too many YAML aliases; write the values out"])
+    text = _read_text(path)
     yaml = YAML(typ="rt")
     yaml.allow_duplicate_keys = False
     try:
-        data = yaml.load(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ScenarioError([f"{path}:0: not UTF-8 text (byte {exc.start})"]) from None
+        _check_yaml_shape(path, yaml.parse(text))
+        data = yaml.load(text)
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 0
         what = (exc.problem or exc.context or "YAML error").strip()
         raise ScenarioError([f"{path}:{line}: YAML: {what}"]) from None
-    except (YAMLError, RecursionError) as exc:
+    except (YAMLError, RecursionError, ValueError, TypeError) as exc:
+        # ValueError: a constructor refused a scalar (say, an int of 5000 digits);
+        # TypeError: a mapping key holding a list (``{[a]: 1}: x``) is unhashable
         raise ScenarioError([f"{path}:0: YAML: {str(exc).splitlines()[0]}"]) from None
     if data is None:
         raise ScenarioError([f"{path}:1: empty scenario: it needs at least name and "
@@ -368,6 +389,77 @@ def _read_yaml(path: Path) -> CommentedMap:
         raise ScenarioError([f"{path}:1: a scenario is a mapping of keys (name, writer, "
                              f"...), got {type(data).__name__}"])
     return data
+
+
+def _read_text(path: Path) -> str:
+    """The file as text, read no further than the size limit (it may be /dev/zero)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SCENARIO_BYTES + 1)
+    except FileNotFoundError:
+        raise ScenarioError([f"{path}:0: file not found (check the path)"]) from None
+    except OSError as exc:
+        raise ScenarioError([f"{path}:0: cannot read: {exc.strerror}"]) from None
+    if len(raw) > MAX_SCENARIO_BYTES:
+        raise ScenarioError([f"{path}:0: file is larger than 1MiB, the limit for a "
+                             f"scenario (a scenario is a few lines of YAML; generate "
+                             f"large workloads with workload.random)"])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ScenarioError([f"{path}:0: not UTF-8 text (byte {exc.start})"]) from None
+
+
+_LONG_INT = re.compile(r"[-+]?[0-9_]{101,}")
+
+
+def _check_yaml_shape(path: Path, events: Any) -> None:
+    """Refuse alias bombs, deep nesting and giant numbers from the parser's events,
+    before anything is built.
+
+    Counts the values the document expands to, an alias counting as every value of
+    the node it names (merge keys ``<<: *a`` are aliases too), so nine levels of nine
+    aliases each (the "billion laughs") stop at the first alias past the budget.
+    """
+    sizes: dict[str, int] = {}   # anchor -> values its node expands to
+    open_: list[list] = []       # collections being read: [anchor, values so far]
+    total = 0
+    for ev in events:
+        line = ev.start_mark.line + 1 if ev.start_mark is not None else 0
+        if isinstance(ev, CollectionStartEvent):
+            if len(open_) >= MAX_YAML_DEPTH:
+                raise ScenarioError([f"{path}:{line}: YAML: nested more than "
+                                     f"{MAX_YAML_DEPTH} levels deep; a scenario is a "
+                                     f"few levels deep"])
+            open_.append([ev.anchor, 1])
+            total += 1
+            continue
+        if isinstance(ev, CollectionEndEvent):
+            anchor, n = open_.pop()
+        elif isinstance(ev, ScalarEvent):
+            anchor, n = ev.anchor, 1
+            if ev.style is None and _LONG_INT.fullmatch(ev.value):
+                raise ScenarioError([f"{path}:{line}: YAML: a number of {len(ev.value)} "
+                                     f"digits; no setting takes more than 20"])
+            total += 1
+        elif isinstance(ev, AliasEvent):
+            anchor, n = None, sizes.get(ev.anchor)
+            if n is None:
+                raise ScenarioError([f"{path}:{line}: YAML: alias *{ev.anchor} is used "
+                                     f"inside its own anchor or before it; write the "
+                                     f"value out"])
+            total += n
+        else:
+            continue
+        if anchor is not None:
+            sizes[anchor] = n
+        if open_:
+            open_[-1][1] += n
+        if total > MAX_YAML_NODES:
+            raise ScenarioError([f"{path}:{line}: YAML: the document expands to more "
+                                 f"than {MAX_YAML_NODES:,} values (YAML aliases of "
+                                 f"aliases: an alias bomb?); write the values out, or "
+                                 f"use workload.random for large workloads"])
 
 
 def _plain(node: Any) -> Any:
@@ -384,14 +476,20 @@ def _line_of(data: Any, loc: tuple) -> int:
     line, node = 1, data
     for part in loc:
         if isinstance(node, CommentedMap) and part in node:
-            line = node.lc.key(part)[0] + 1
+            line = _mark_line(node.lc.data, part, line)
             node = node[part]
         elif isinstance(node, CommentedSeq) and isinstance(part, int) and part < len(node):
-            line = node.lc.item(part)[0] + 1
+            line = _mark_line(node.lc.data, part, line)
             node = node[part]
         else:
             break
     return line
+
+
+def _mark_line(marks: Any, key: Any, default: int) -> int:
+    # a key brought in by a merge (<<: *a) has no position of its own
+    pos = marks.get(key) if isinstance(marks, dict) else None
+    return pos[0] + 1 if pos else default
 
 
 def _format_errors(path: Path, data: Any, errors: list[dict]) -> list[str]:
@@ -399,7 +497,8 @@ def _format_errors(path: Path, data: Any, errors: list[dict]) -> list[str]:
     for err in errors:
         # A union reports each branch; the literal branch of ``expect`` is noise when
         # the user clearly wrote the mapping form.
-        if err["type"] == "literal_error" and isinstance(err.get("input"), dict):
+        if err["type"] == "literal_error" and isinstance(err.get("input"), dict) \
+                and "literal['pass']" in err["loc"]:
             continue
         line = _format_error(path, data, err)
         if line not in lines:
@@ -417,8 +516,8 @@ def _format_error(path: Path, data: Any, err: dict) -> str:
     elif err["type"] == "missing":
         msg = "required key is missing"
     elif err["type"] == "string_pattern_mismatch" and loc == ("name",):
-        msg = ("use only letters, digits, '.', '_' and '-', starting with a letter or "
-               "digit (it names the report folder)")
+        msg = ("use only letters, digits, '.', '_' and '-', 1 to 100 of them, starting "
+               "with a letter or digit (it names the report folder)")
     got = "" if err["type"] == "missing" or "got" in msg else \
         f" (got {_short(err.get('input'))})"
     return f"{path}:{_line_of(data, loc)}: {key}: {msg}{got}"
@@ -471,19 +570,45 @@ def _check_trace(path: Path, data: Any, scenario: Scenario) -> None:
                         f"{{builtin: vhdx}}")
     if problems:
         raise ScenarioError(problems)
+    _check_total_bytes(path, data, scenario, ("model", "ops"))
 
 
 def _check_ops_fit(path: Path, data: Any, scenario: Scenario) -> None:
-    size = scenario.workload.image.virtual_size
+    """Every op lies inside the image and fits the log; the workload fits in memory."""
+    img = scenario.workload.image
     problems = []
     for i, item in enumerate(scenario.workload.ops):
         w = item.guest_write or item.log_write
-        if item.guest_write is not None and w.offset + w.length > size:
-            loc = ("workload", "ops", i)
-            problems.append(f"{path}:{_line_of(data, loc)}: workload.ops.{i}: write ends "
-                            f"at {w.offset + w.length}, past virtual_size {size}")
+        where = f"{path}:{_line_of(data, ('workload', 'ops', i))}: workload.ops.{i}"
+        if w.offset + w.length > img.virtual_size:
+            # log_write offsets address the writer's data area, which is virtual_size long
+            problems.append(f"{where}: write ends at {w.offset + w.length}, past "
+                            f"virtual_size {img.virtual_size}")
+        elif item.log_write is not None and w.length > img.log_size:
+            problems.append(f"{where}: a log_write of {w.length} bytes is larger than "
+                            f"log_size {img.log_size}, so no log can hold it; raise "
+                            f"log_size or split the write")
+    r = scenario.workload.random
+    if r.count and r.max_length > img.virtual_size:
+        problems.append(f"{path}:{_line_of(data, ('workload', 'random', 'max_length'))}: "
+                        f"workload.random.max_length: {r.max_length} is more than "
+                        f"virtual_size {img.virtual_size}")
+    elif r.count and r.kind == "log_write" and r.max_length > img.log_size:
+        problems.append(f"{path}:{_line_of(data, ('workload', 'random', 'max_length'))}: "
+                        f"workload.random.max_length: {r.max_length} is larger than "
+                        f"log_size {img.log_size}, so no log can hold such a write")
     if problems:
         raise ScenarioError(problems)
+    _check_total_bytes(path, data, scenario, ("workload",))
+
+
+def _check_total_bytes(path: Path, data: Any, scenario: Scenario, loc: tuple) -> None:
+    total = sum(op.length for op in scenario.ops())
+    if total > MAX_WORKLOAD_BYTES:
+        key = ".".join(loc)
+        raise ScenarioError([f"{path}:{_line_of(data, loc)}: {key}: the ops write "
+                             f"{total} bytes in all, more than the 64MiB limit (every "
+                             f"op's data is held in memory); use fewer or shorter ops"])
 
 
 def line_of(path: str | Path, loc: tuple) -> int:

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..cli import InputError
 from ..scenario import OUTCOME_CLASSES, VIOLATION_CLASSES
 
 PASS_CLASSES = ("old", "new")
@@ -29,19 +30,23 @@ OUTCOME_COLOURS = {
     "recovery-error": "#b2182b",
     "stuck": "#e7298a",
     "structure": "#7f3b08",
+    "worker-crash": "#40004b",
 }
 UNKNOWN_COLOUR = "#888888"
 FAILED_COLOUR = "#d7301f"
 
 # Later is worse: a crash point or heat-map cell shows the worst outcome among its states.
-SEVERITY = ("pass",) + tuple(VIOLATION_CLASSES)
+SEVERITY = ("pass",) + tuple(VIOLATION_CLASSES) + ("worker-crash",)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 MAX_DIRNAME_CHARS = 100
 
 
-class ReportError(Exception):
-    """A report could not be written; the message names the path and the problem."""
+class ReportError(InputError):
+    """A report could not be written; the message names the path and the problem.
+
+    An InputError (exit 2): the cause is the --out folder the user gave or what is in it.
+    """
 
 
 def colour(outcome: str) -> str:
@@ -81,13 +86,42 @@ def safe_dirname(name: str) -> str:
     return f"{safe[:MAX_DIRNAME_CHARS] or 'scenario'}-{digest}"
 
 
-def ensure_inside(out_dir: Path | str, path: Path | str) -> Path:
-    """``path`` resolved; raises ReportError if it is not inside ``out_dir``."""
+def ensure_inside(out_dir: Path | str, path: Path | str, *, file: bool = False) -> Path:
+    """``path`` resolved; raises ReportError if it is not inside ``out_dir``.
+
+    With ``file=True`` the path names a file ``atomic_write`` will replace by rename, so a
+    symlink left there is replaced, never followed: only its folder is resolved.
+    """
     root = Path(out_dir).resolve()
-    target = Path(path).resolve()
+    path = Path(path)
+    target = path.parent.resolve() / path.name if file else path.resolve()
     if target != root and not target.is_relative_to(root):
         raise ReportError(f"{path}: refusing to write outside the report folder {root}")
     return target
+
+
+def prepare_out_dir(out_dir: Path | str) -> Path:
+    """Create the report folder (and its parents); one ReportError if it cannot be.
+
+    A symlink given as --out is followed (the user chose it); a file, a dangling symlink
+    or a folder that cannot be created or written is refused before anything runs.
+    """
+    out = Path(out_dir)
+    if out.is_symlink() and not out.exists():
+        raise ReportError(f"--out {out}: a symlink to {os.readlink(out)}, which does not "
+                          f"exist; create that folder or give another --out")
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out}: is a file, not a folder; give a folder for the "
+                          f"report")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ReportError(f"--out {out}: cannot create the report folder: "
+                          f"{exc.strerror}; give a writable folder") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise ReportError(f"--out {out}: the report folder is not writable; give a "
+                          f"writable folder")
+    return out
 
 
 def scenario_dir(out_dir: Path | str, name: str) -> Path:
@@ -201,11 +235,34 @@ def legal_text(exact: int | None, log10: float) -> str:
     return f"~10^{log10:.1f}"
 
 
+def skipped_reasons_text(result: dict[str, Any]) -> str:
+    """Why legal states were not explored, for people; empty when none were skipped."""
+    texts = []
+    for reason in result.get("skipped_reasons") or []:
+        if reason == "memory_cap":
+            cap = (result["scenario"].get("explore") or {}).get("max_memory_mib", "?")
+            n = result.get("memory_capped_crash_points", 0)
+            texts.append(f"the memory cap of {cap} MiB was reached: {n} crash points "
+                         f"were not judged")
+        elif reason == "max_states_per_step":
+            texts.append("the per-step budget (explore.max_states_per_step)")
+        else:
+            texts.append(str(reason))
+    return "; ".join(texts)
+
+
 def failure_reason(result: dict[str, Any]) -> str:
     """Why a scenario did not meet its expectation, in one line (empty when it did)."""
     if result.get("verdict") == "pass":
         return ""
     if not result.get("complete", True):
+        missing = result.get("unexplored_crash_points")
+        finish = f"(finish it with crashsim run --resume); expected {expect_text(result)}"
+        if missing:
+            return (f"incomplete run: interrupted with {missing} crash points not "
+                    f"judged {finish}")
+        if missing == 0:
+            return f"incomplete run: interrupted before its violations were shrunk {finish}"
         return (f"incomplete run: {result.get('skipped_states', 0)} states skipped; "
                 f"expected {expect_text(result)}")
     found = found_classes(result)

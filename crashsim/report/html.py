@@ -15,7 +15,7 @@ from .. import __version__
 from . import plots
 from .core import (OUTCOME_CLASSES, FileSet, colour, counts_text, ensure_inside,
                    expect_text, failure_reason, is_violation, legal_text, safe_dirname,
-                   scenario_dir, violation_counts)
+                   scenario_dir, skipped_reasons_text, violation_counts)
 
 PER_STEP_OPEN_LIMIT = 25   # longer per-step tables start collapsed
 
@@ -45,8 +45,8 @@ def write_scenario_page(out_dir: Path | str, result: dict[str, Any], elapsed_s: 
         **_scenario_context(result, elapsed_s, list(figures)))
     with _files(files) as fs:
         for name, png in figures.items():
-            fs.write(ensure_inside(out_dir, folder / name), png)
-        return fs.write(ensure_inside(out_dir, folder / "index.html"), page)
+            fs.write(ensure_inside(out_dir, folder / name, file=True), png)
+        return fs.write(ensure_inside(out_dir, folder / "index.html", file=True), page)
 
 
 def write_index(out_dir: Path | str,
@@ -59,7 +59,8 @@ def write_index(out_dir: Path | str,
         total_s=sum(t for _, t in results_with_timing),
         failed=sum(1 for r in rows if r["verdict"] != "pass"))
     with _files(files) as fs:
-        return fs.write(ensure_inside(out_dir, Path(out_dir) / "index.html"), page)
+        return fs.write(ensure_inside(out_dir, Path(out_dir) / "index.html", file=True),
+                        page)
 
 
 class _files:
@@ -90,6 +91,11 @@ def _scenario_context(result: dict[str, Any], elapsed_s: float,
         "title": f"crashsim: {sc['name']}", "version": __version__, "sc": sc,
         "result": result, "verdict": result.get("verdict", "fail"),
         "expect": expect_text(result), "reason": failure_reason(result),
+        "skipped": legal_text(result.get("skipped_states"),
+                              result.get("skipped_states_log10", 0.0)),
+        "skipped_why": skipped_reasons_text(result),
+        "unexplored": result.get("unexplored_crash_points", 0),
+        "interrupted": "unexplored_crash_points" in result,
         "elapsed_s": elapsed_s, "totals": totals, "classes": classes,
         "outcomes": {c: outcomes.get(c, 0) for c in classes},
         "device": _flatten(sc.get("device") or {}),
@@ -119,6 +125,7 @@ def _index_row(result: dict[str, Any], elapsed_s: float) -> dict[str, Any]:
     return {"name": sc["name"], "href": f"{safe_dirname(sc['name'])}/index.html",
             "verdict": result.get("verdict", "fail"), "expect": expect_text(result),
             "complete": result.get("complete", True), "steps": totals.get("steps", 0),
+            "memory_capped": "memory_cap" in (result.get("skipped_reasons") or []),
             "explored": totals.get("explored", 0),
             "violations": {c: n for c, n in violation_counts(result).items() if n},
             "elapsed_s": elapsed_s, "reason": failure_reason(result)}

@@ -325,7 +325,8 @@ def draw_recovery_paths(fig: Figure, result: dict[str, Any]) -> None:
 
 
 def _short(name: str, limit: int = 40) -> str:
-    return name if len(name) <= limit else name[:limit - 1] + "…"
+    name = name if len(name) <= limit else name[:limit - 1] + "…"
+    return name.replace("$", r"\$")   # user text (a tool's name) is never mathtext
 
 
 FIGURES: dict[str, Callable[[Figure, dict[str, Any]], None]] = {

@@ -1,4 +1,9 @@
-"""Finding writer plugins: built-ins, the ``crashsim.writers`` entry points, or ``pkg.mod:Class``."""
+"""Finding writer plugins: built-ins, the ``crashsim.writers`` entry points, or ``pkg.mod:Class``.
+
+Whatever a plugin does wrong when it is loaded (it does not import, raises or exits while
+importing, names no class, names something that is not a writer) becomes one
+``WriterNotFound`` line saying what to fix; nothing a plugin raises escapes as a traceback.
+"""
 from __future__ import annotations
 
 import importlib
@@ -10,6 +15,8 @@ BUILTIN = {
     "vhdx-qemu": "crashsim.writers.vhdx.variants:VhdxQemuWriter",
     "vhdx-2013": "crashsim.writers.vhdx.variants:Vhdx2013Writer",
 }
+# What the explorer calls on a writer (crashsim.writers.base.Writer).
+WRITER_METHODS = ("format_image", "run", "recover", "view", "check_structure", "probe")
 
 
 class WriterNotFound(Exception):
@@ -25,18 +32,48 @@ def available() -> dict[str, str]:
 
 
 def load_writer_class(kind: str) -> Any:
-    target = available().get(kind, kind if ":" in kind else None)
+    known = available()
+    target = known.get(kind, kind if ":" in kind else None)
     if target is None:
-        names = ", ".join(sorted(available()))
+        names = ", ".join(sorted(known))
         raise WriterNotFound(f"unknown writer {kind!r}; known writers: {names}, "
                              f"or give 'package.module:Class'")
+    # the fix differs: a registered name is a broken installation, a path is a typo
+    fix = (f"reinstall the package that registers writer {kind!r} (entry point "
+           f"{target!r})" if kind in known and kind not in BUILTIN else
+           "check the 'package.module:Class' spelling and that the package is installed")
     module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise WriterNotFound(f"writer {kind!r}: {target!r} is not 'package.module:Class'; "
+                             f"{fix}")
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # any import-time failure of a plugin is the user's to fix
+    except (Exception, SystemExit) as exc:  # a plugin's import-time failure is the user's
         raise WriterNotFound(f"writer {kind!r}: cannot import {module_name!r}: "
-                             f"{type(exc).__name__}: {exc}") from None
-    cls = getattr(module, attr, None)
+                             f"{_one_line(exc)}; {fix}") from None
+    try:
+        cls = getattr(module, attr, None)
+    except Exception as exc:  # a module __getattr__ that raises
+        raise WriterNotFound(f"writer {kind!r}: {target!r}: {_one_line(exc)}; "
+                             f"{fix}") from None
     if cls is None:
-        raise WriterNotFound(f"writer {kind!r}: module {module_name!r} has no {attr!r}")
+        raise WriterNotFound(f"writer {kind!r}: module {module_name!r} has no {attr!r}; "
+                             f"{fix}")
+    _check_writer_class(kind, target, cls)
     return cls
+
+
+def _check_writer_class(kind: str, target: str, cls: Any) -> None:
+    if not isinstance(cls, type):
+        raise WriterNotFound(f"writer {kind!r}: {target!r} is a {type(cls).__name__}, not "
+                             f"a writer class; name a class with "
+                             f"{', '.join(WRITER_METHODS)} (see crashsim.writers.base)")
+    missing = [m for m in WRITER_METHODS if not callable(getattr(cls, m, None))]
+    if missing:
+        raise WriterNotFound(f"writer {kind!r}: class {target!r} is not a writer: it has "
+                             f"no {', '.join(missing)} (see crashsim.writers.base)")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
