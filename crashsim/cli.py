@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="override every scenario's explore.seed")
     run.add_argument("--executor", choices=["process", "dask"], default="process")
     run.add_argument("--scheduler", default=None, help="dask scheduler address")
+    run.add_argument("--resume", action="store_true",
+                     help="finish an interrupted run into the same --out: reuse its saved "
+                          "crash points, skip scenarios it finished")
+    run.add_argument("--max-memory-mib", type=int, default=None, metavar="N",
+                     help="override every scenario's explore.max_memory_mib (resident "
+                          "memory per exploring process; past it the rest is skipped)")
     run.set_defaults(func=_cmd_run)
 
     rp = sub.add_parser("replay", help="rebuild one crash state, recover it, show verdict")
@@ -66,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
         vhdx_cli.add_parser(sub)
     except ImportError:  # the VHDX tools are part of the package; this guards partial installs
         pass
+    from . import fuzz; fuzz.add_parser(sub)
 
     bench = sub.add_parser("bench", help="run the standard benchmark")
     bench.add_argument("--json", action="store_true")
@@ -75,12 +82,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .interrupt import sigterm_as_interrupt
     from .runner import run_scenarios
     if args.workers < 1:
         raise InputError("--workers must be at least 1")
-    return run_scenarios(args.scenarios, out_dir=args.out, workers=args.workers,
-                         seed=args.seed, executor=args.executor,
-                         scheduler=args.scheduler)
+    if args.max_memory_mib is not None and args.max_memory_mib < 1:
+        raise InputError("--max-memory-mib must be at least 1")
+    with sigterm_as_interrupt():  # a killed CI job keeps its partial report too
+        return run_scenarios(args.scenarios, out_dir=args.out, workers=args.workers,
+                             seed=args.seed, executor=args.executor,
+                             scheduler=args.scheduler, resume=args.resume,
+                             max_memory_mib=args.max_memory_mib)
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:

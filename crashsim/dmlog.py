@@ -68,6 +68,7 @@ MAGIC = 0x6A736677736872
 VERSION = 1
 FLUSH, FUA, DISCARD, MARK, METADATA = 1, 2, 4, 8, 16
 KNOWN_FLAGS = FLUSH | FUA | DISCARD | MARK | METADATA
+MAX_DISCARD_BYTES = 256 << 20
 
 _SUPER = struct.Struct("<QQQI")
 _ENTRY = struct.Struct("<QQQQ")
@@ -329,7 +330,7 @@ def _entry_payload(log: DmLog, index: int, entry: LogEntry, size: int) -> bytes:
     start, end = log.byte_range(entry)
     if entry.is_discard:
         # Sectors past the device do not exist; a whole-device discard stays bounded.
-        return bytes(max(0, min(end, size) - start))
+        return _discard_zeros(log, index, entry, max(0, min(end, size) - start))
     if entry.data and end > size:
         raise DmLogError(log.path, index, entry.log_offset or 0,
                          f"write to {start:#x}..{end:#x} ends past the device size "
@@ -340,13 +341,25 @@ def _entry_payload(log: DmLog, index: int, entry: LogEntry, size: int) -> bytes:
 
 def replay(log: DmLog, image: SparseImage, upto: int | None = None) -> SparseImage:
     """Apply entries [0, upto) to ``image`` in log order, as fstests' replay-log does."""
-    for entry in log.entries[:upto]:
+    for index, entry in enumerate(log.entries[:upto]):
         start, end = log.byte_range(entry)
         if entry.is_discard:
-            image.write(start, bytes(max(0, min(end, image.size_bytes) - start)))
+            n = max(0, min(end, image.size_bytes) - start)
+            image.write(start, _discard_zeros(log, index, entry, n))
         elif entry.is_write:
             image.write(start, entry.data)
     return image
+
+
+def _discard_zeros(log: DmLog, index: int, entry: LogEntry, length: int) -> bytes:
+    """A discard becomes a write of zeros, held in memory: refuse one too large to hold
+    (a damaged sector count, or a device far larger than a test image)."""
+    if length > MAX_DISCARD_BYTES:
+        raise DmLogError(log.path, index, entry.log_offset or 0,
+                         f"discard of {length:#x} bytes is more than crashsim turns into "
+                         f"zeros ({MAX_DISCARD_BYTES:#x})", "record on a smaller device, "
+                         "or without discards (e.g. mkfs -E nodiscard)")
+    return bytes(length)
 
 
 # -- recording with QEMU ------------------------------------------------------------------

@@ -192,6 +192,10 @@ class RecordedWriter:
         if self.image_format == "raw":
             return b"".join(dev.read(off, n) for off, n in ranges)
         drv = open_vhdx(dev)
+        end = max((off + n for off, n in ranges), default=0)
+        if end > drv.virtual_size:  # the metadata shrank the disk: corrupt, not a crash
+            raise RecoveryError(f"the guest disk is {drv.virtual_size} bytes, the model "
+                                f"reaches {end}")
         return b"".join(drv.read(off, n) for off, n in ranges)
 
     def check_structure(self, dev: BlockDevice) -> list[str]:
@@ -208,7 +212,11 @@ class RecordedWriter:
         if self.scenario.probe == "qemu-io":
             self._qemu_probe(dev, offset, length)
             return
-        yield from self._builtin_probe(dev, offset, length)
+        try:
+            yield from self._builtin_probe(dev, offset, length)
+        except ValueError as exc:  # the recovered disk no longer holds the probe's range
+            raise ProbeFailed(f"guest write of {length} bytes at {offset:#x} failed: "
+                              f"{exc}") from None
 
     # -- external recovery ---------------------------------------------------------------
     def _external_recover(self, dev: BlockDevice) -> IOGen:

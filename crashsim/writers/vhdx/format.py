@@ -34,6 +34,9 @@ REGION_TABLE_BYTES = 64 * KiB
 HEADER_SECTION_END = 1 * MiB
 METADATA_TABLE_BYTES = 64 * KiB
 MAX_FILE_BYTES = 1 << 46  # 64 TiB: VHDX's own limit; anything larger is garbage
+# A 32-byte zero descriptor may zero up to 64 TiB in place, one 4 KiB write at a time:
+# crashsim replays (and its writer logs) at most this much zeroing per sequence.
+MAX_REPLAY_ZERO_BYTES = 64 * MiB
 
 ZERO_GUID = uuid.UUID(int=0)
 BAT_GUID = uuid.UUID("2DC27766-F623-4200-9D64-115E9BFD4A08")
@@ -371,8 +374,10 @@ def metadata_bytes_needed(table: bytes, region: RegionEntry) -> int:
     _, _, count, _ = _META_HEADER.unpack_from(table)
     end = METADATA_TABLE_BYTES
     for i in range(min(count, (len(table) - 32) // 32)):
-        _, off, length, _, _ = _META_ENTRY.unpack_from(table, 32 + 32 * i)
-        end = max(end, off + length)
+        g, off, length, _, _ = _META_ENTRY.unpack_from(table, 32 + 32 * i)
+        want = _KNOWN_ITEMS.get(_guid(g))
+        if want is not None:  # parse_metadata reads known items only, ``want`` bytes each
+            end = max(end, off + min(length, want))
     return min(end, region.length)
 
 
@@ -641,6 +646,7 @@ def parse_descriptors(blob: bytes, h: LogEntryHeader, offset: int) -> list[LogDe
         pos = 64 + 32 * i
         where = offset + pos
         raw = bytes(blob[pos:pos + 32])
+        _need(raw, 32, f"descriptor {i}", where)
         sig = raw[:4]
         if sig == b"desc":
             _, trailing, leading, foff, seq = _DESC.unpack(raw)
@@ -684,6 +690,7 @@ def check_layout(h: LogEntryHeader, descs: list[LogDescriptor], offset: int) -> 
 
 def check_data_sector(sector: bytes, seq: int, index: int, offset: int,
                       check_signature: bool = True) -> None:
+    _need(sector, LOG_SECTOR, f"data sector {index}", offset)
     sig, high = _DATA_HEAD.unpack_from(sector)
     (low,) = struct.unpack_from("<I", sector, 4092)
     if check_signature and sig != b"data":

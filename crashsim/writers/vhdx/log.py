@@ -28,7 +28,7 @@ from .format import (FILE_SIGNATURE, HEADER_BLOCK, HEADER_SLOTS, LOG_SECTOR, MAX
                      ZERO_GUID, Header, LogEntry, MiB, SectorUpdate, VhdxCorrupt,
                      build_log_entry, choose_header, entry_sector_count, header_block,
                      parse_descriptors, parse_file_identifier, parse_log_entry_header,
-                     round_up)
+                     MAX_REPLAY_ZERO_BYTES, round_up)
 
 SECTOR_BYTES = 512
 
@@ -138,6 +138,10 @@ class HeaderSession:
                log_guid: uuid.UUID | None = None) -> IOGen:
         """One header update (QEMU's vhdx_update_header)."""
         target = 1 - self.slot
+        if self.current.sequence_number >= (1 << 64) - 1:  # no newer header can exist
+            raise VhdxCorrupt("the current header's sequence number is 2^64-1: no newer "
+                              "header can be written", HEADER_SLOTS[self.slot] + 8,
+                              "header-sequence-max")
         h = self.base_for_update().evolve(
             sequence_number=self.current.sequence_number + 1,
             file_write_guid=self.session_guid)
@@ -263,11 +267,18 @@ class LogWriter:
         if self.log_length == 0:
             raise LogBusy("the image has no log (LogLength 0): logged updates are "
                           "impossible", HEADER_SLOTS[self.headers.slot] + 68, "no-log")
+        if self.sequence >= 1 << 64:  # the replayed head had sequence number 2^64-1
+            raise LogBusy("log sequence numbers are exhausted: no entry can follow one "
+                          "with sequence number 2^64-1", self.log_offset, "sequence-max")
         need = entry_sector_count(updates)
         if need > self.capacity_sectors:
             raise ValueError(f"a log entry of {need} sectors cannot fit in a "
                              f"{self.log_length // MiB} MiB log (at most "
                              f"{self.capacity_sectors}); use a larger log_size")
+        zeros = sum(u.zero_length for u in updates if u.data is None)
+        if zeros > MAX_REPLAY_ZERO_BYTES:
+            raise ValueError(f"a log entry may zero at most {MAX_REPLAY_ZERO_BYTES // MiB} "
+                             f"MiB (this one zeroes {zeros} bytes); split the write")
 
     # -- steps ----------------------------------------------------------------------------
     def flush_data(self) -> IOGen:

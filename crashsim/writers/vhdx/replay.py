@@ -32,7 +32,7 @@ from ...image import SparseImage
 from .format import (HEADER_SLOTS, LOG_SECTOR, ZERO_GUID, Header, LogEntry, LogEntryHeader,
                      MiB, VhdxCorrupt, check_data_sector, check_entry_header, check_layout,
                      check_log_geometry, entry_checksum_ok, parse_descriptors,
-                     parse_log_entry_header, round_up)
+                     MAX_REPLAY_ZERO_BYTES, parse_log_entry_header, round_up)
 from .log import BlockIO, HeaderSession, apply_entry, as_io
 
 
@@ -333,6 +333,7 @@ def _replay_run(io: BlockIO, headers: HeaderSession, scan: LogScan, policy: Repl
                 res: ReplayResult) -> IOGen:
     run = scan.active
     todo = run.to_replay
+    _check_zero_budget(todo, scan.header)
     head = run.head.header
     res.decisions.append(f"active {run.describe()}: replaying {len(todo)} entries from "
                          f"log+{todo[0].position:#x}")
@@ -358,6 +359,14 @@ def _replay_run(io: BlockIO, headers: HeaderSession, scan: LogScan, policy: Repl
     res.next_sequence = head.sequence_number + 1
     res.decisions.append(f"replayed {res.replayed_entries} entries; LogGuid cleared")
     res.branch("replayed")
+
+
+def _check_zero_budget(todo: list[Candidate], header: Header) -> None:
+    zeros = sum(d.length for c in todo for d in c.entry.descriptors if d.kind == "zero")
+    if zeros > MAX_REPLAY_ZERO_BYTES:
+        raise VhdxCorrupt(f"the active sequence zeroes {zeros:#x} bytes in place, more than "
+                          f"crashsim replays ({MAX_REPLAY_ZERO_BYTES:#x})",
+                          header.log_offset + todo[0].position, "zero-run-too-large")
 
 
 def _check_truncation(io: BlockIO, h: LogEntryHeader, header: Header, pos: int,
