@@ -41,7 +41,10 @@ def build_results(ctx: Context, steps: list[StepResult], scenario_path: str,
     return {
         "crashsim_version": __version__,
         "scenario": _scenario_block(sc, scenario_path),
-        "verdict": "pass" if expect_met(sc, found) and complete else "fail",
+        # A workload that stopped on its own error never passes: its later
+        # transactions, and their crash states, were never tried.
+        "verdict": "pass" if expect_met(sc, found) and complete and not ctx.trace.failed
+                   else "fail",
         "complete": complete,
         # Crash points an interrupted run did not reach (ranges of steps, inclusive).
         "unexplored_crash_points": len(unexplored),

@@ -225,6 +225,8 @@ def summary_line(results: dict[str, Any], elapsed_s: float) -> str:
         head += (f"INCOMPLETE (interrupted: {missing} of {t['crash_points']} crash points "
                  f"not judged), " if missing else
                  "INCOMPLETE (interrupted before shrinking), ")
+    if results.get("workload_error"):
+        head += f"WORKLOAD FAILED ({results['workload_error']}), "
     return (f"{head}{t['steps']} steps, {t['explored']} states explored "
             f"({t['distinct']} distinct){skipped_text(results)}, "
             f"violations: {found or 'none'}; expected {expect_text}; {elapsed_s:.1f}s")

@@ -127,3 +127,18 @@ def test_results_json_matches_the_gold_file(tmp_path):
     if os.environ.get("CRASHSIM_UPDATE_GOLD"):
         gold_file.write_text(json.dumps(got, indent=1) + "\n")
     assert got == json.loads(gold_file.read_text())
+
+
+def test_a_workload_that_stops_on_its_own_error_never_passes(tmp_path):
+    """The WAL's log holds 1 MiB; one 1 MiB record plus its headers does not fit, so the
+    workload itself fails. Its crash states all pass, yet the run must not."""
+    path = tmp_path / "overflow.yaml"
+    path.write_text(SMALL.format(name="overflow", defects="", expect="pass").replace(
+        "offset: 1KiB, length: 2KiB, pattern: 0xb2", "offset: 0, length: 1MiB, pattern: 0xb2"))
+    out = tmp_path / "reports"
+    proc = _crashsim("run", str(path), "--out", str(out), "--workers", "1", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAIL overflow: WORKLOAD FAILED (" in proc.stdout
+    results = json.loads((out / "overflow" / "results.json").read_text())
+    assert results["verdict"] == "fail" and results["workload_error"]
+    assert results["violation_classes_found"] == []  # no crash state failed

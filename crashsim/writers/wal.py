@@ -204,6 +204,9 @@ class _Session:
         redo_head = _REDO.pack(REDO, 0, self.lsn, target, len(payload))
         redo = _pad(_REDO.pack(REDO, _crc(redo_head), self.lsn, target,
                                len(payload)) + payload)
+        if len(redo) + SECTOR > w.log_bytes:  # not even an empty log would hold it
+            raise ValueError(f"a {len(payload)}-byte record does not fit the "
+                             f"{w.log_bytes}-byte log")
         if self.pos + len(redo) + SECTOR > w.log_bytes:
             yield from self._restart_log(dev)
         cmit = _pad(_CMIT.pack(CMIT, _crc(_CMIT.pack(CMIT, 0, self.lsn)), self.lsn))
