@@ -609,9 +609,13 @@ def _assignment(step: StepStates, picks: Sequence[Pick]) -> Assignment:
 
 
 def _picks(step: StepStates, assign: Assignment) -> tuple[Pick, ...]:
-    units_of: dict[tuple[int, bool], list[int]] = {}
-    for unit, choice in assign.items():  # group first: one dict op per unit
-        units_of.setdefault(choice, []).append(unit)
+    choices = set(assign.values())
+    if len(choices) == 1:  # one write, all clean or all garbage (tears, single writes)
+        units_of = {choices.pop(): list(assign)}
+    else:
+        units_of = {}
+        for unit, choice in assign.items():  # group first: one dict op per unit
+            units_of.setdefault(choice, []).append(unit)
     clean: dict[int, frozenset[int]] = {}
     garbage: dict[int, frozenset[int]] = {}
     for (io, is_garbage), units in units_of.items():
@@ -855,9 +859,13 @@ _PICK_RE = re.compile(r"w(\d+)(?:\[([0-9,\-]*)\])?(?:!g([0-9,\-]+))?\Z")
 def format_units(units: Sequence[int] | frozenset[int]) -> str:
     """Sorted unit indices as ranges: {0,1,2,3,5} -> '0-3,5'."""
     out: list[str] = []
-    for _, run in itertools.groupby(enumerate(sorted(units)), lambda t: t[1] - t[0]):
-        vals = [v for _, v in run]
-        out.append(str(vals[0]) if len(vals) == 1 else f"{vals[0]}-{vals[-1]}")
+    ordered = sorted(units)
+    start = 0
+    for i in range(1, len(ordered) + 1):
+        if i == len(ordered) or ordered[i] != ordered[i - 1] + 1:  # a run ends at i - 1
+            a, b = ordered[start], ordered[i - 1]
+            out.append(str(a) if a == b else f"{a}-{b}")
+            start = i
     return ",".join(out)
 
 
