@@ -196,12 +196,22 @@ class CrashState:
     p: int
     built: SparseImage | None  # None until ``image`` is first asked for
     survivors: list[int]
-    torn: list[tuple[int, int]]  # (io, unit) not applied cleanly, of partly applied writes
+    torn_count: int  # legal units of partly applied writes not applied cleanly
     garbage_units: list[tuple[int, int]]
     content_key: str
     picks: tuple[Pick, ...] = ()
     step: "StepStates | None" = field(default=None, repr=False, compare=False)
     assign: "Assignment | None" = field(default=None, repr=False, compare=False)
+
+    @property
+    def torn(self) -> list[tuple[int, int]]:
+        """(io, unit) of those units, in order; listed only when asked for (failures)."""
+        out: list[tuple[int, int]] = []
+        for pick in self.picks:
+            pw = self.step.by_io[pick.io_id]
+            if _is_torn(pw, pick):
+                out += [(pick.io_id, r) for r in pw.legal_units if r not in pick.clean]
+        return out
 
     @property
     def image(self) -> SparseImage:
@@ -671,16 +681,21 @@ def _build(step: StepStates, assign: Assignment) -> tuple[SparseImage, str]:
 
 def _state(step: StepStates, img: SparseImage | None, key: str, picks: tuple[Pick, ...],
            tier: str, assign: Assignment | None = None) -> CrashState:
-    torn: list[tuple[int, int]] = []
+    torn = 0
     garbage: list[tuple[int, int]] = []
     for pick in picks:
         pw = step.by_io[pick.io_id]
-        if len(pick.clean) != pw.n_units - len(pw.illegal) or pick.garbage:
-            torn += [(pick.io_id, r) for r in pw.legal_units if r not in pick.clean]
+        if _is_torn(pw, pick):
+            torn += pw.n_units - len(pw.illegal) - len(pick.clean)
         garbage += [(pick.io_id, r) for r in sorted(pick.garbage)]
     survivors = [pick.io_id for pick in picks if pick.applied]
     return CrashState(format_state_id(step.p, picks), tier, step.p, img, survivors, torn,
                       garbage, key, picks, step, assign)
+
+
+def _is_torn(pw: PendingWrite, pick: Pick) -> bool:
+    # clean units are always legal ones, so a count tells whether all were applied
+    return len(pick.clean) != pw.n_units - len(pw.illegal) or bool(pick.garbage)
 
 
 def state_from_picks(step: StepStates, picks: Sequence[Pick], tier: str) -> CrashState:
@@ -982,7 +997,7 @@ def build_state(trace: Trace, state_id: str, *, step: StepStates | None = None
 
 def _score(cs: CrashState) -> tuple[int, int, int, int]:
     applied = sum(len(k.applied) for k in cs.picks)
-    return len(cs.survivors), len(cs.torn), len(cs.garbage_units), applied
+    return len(cs.survivors), cs.torn_count, len(cs.garbage_units), applied
 
 
 def shrink(trace: Trace, state: CrashState, is_failing: Callable[[CrashState], bool],

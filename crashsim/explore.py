@@ -165,7 +165,7 @@ def _count(res: StepResult, cs, verdict: Verdict, key: str,
         res.explored += 1
         res.keys.append(key)
     res.outcomes[verdict.outcome] += 1
-    res.heat[(len(cs.torn), len(cs.survivors), verdict.outcome)] += 1
+    res.heat[(cs.torn_count, len(cs.survivors), verdict.outcome)] += 1
     for branch in verdict.examined.recovery.branches:
         res.paths[branch] += 1
     if not verdict.passed and len(res.failures) < MAX_FAILURES_PER_STEP:
