@@ -143,6 +143,7 @@ def build_file_identifier(creator: str) -> bytes:
     return (FILE_SIGNATURE + name).ljust(1024, b"\0")
 
 
+@parse_cache()
 def parse_file_identifier(blob: bytes) -> str:
     """The creator string; raises VhdxCorrupt unless the signature is "vhdxfile"."""
     _need(blob, 8, "file type identifier", 0)
@@ -366,6 +367,7 @@ _KNOWN_ITEMS = {FILE_PARAMETERS_GUID: 8, VIRTUAL_DISK_SIZE_GUID: 8, PAGE83_GUID:
                 LOGICAL_SECTOR_GUID: 4, PHYSICAL_SECTOR_GUID: 4, PARENT_LOCATOR_GUID: 0}
 
 
+@parse_cache()
 def metadata_bytes_needed(table: bytes, region: RegionEntry) -> int:
     """How much of the metadata region holds the table and its items (so a reader
     need not read the whole region); never more than the region."""
