@@ -64,6 +64,7 @@ class RangeModel:
     """
 
     VIEW_CACHE_BYTES = 64 << 20
+    RANGE_INDEX_BYTES = 64 << 20  # bound on the per-range index of contents
 
     def __init__(self, ops: list[Op]):
         self.ops = ops
@@ -83,6 +84,32 @@ class RangeModel:
         for op in ops:
             self._apply(buf, op)
             self._record(buf)
+        self._index = self._range_index()
+        self._seen: list[dict[int, tuple[bytes, int]]] = [{} for _ in self.ranges]
+
+    def _range_index(self) -> list[dict[bytes, int]] | None:
+        """Per range, each content it holds after some k, with the set of those k as a
+        bit mask; None if that would take more than RANGE_INDEX_BYTES."""
+        versions = [bytearray(n) for _, n in self.ranges]
+        index: list[dict[bytes, int]] = [{bytes(v): 0} for v in versions]
+        current = [bytes(v) for v in versions]
+        size = sum(n for _, n in self.ranges)
+        for k in range(len(self.ops) + 1):
+            if k:
+                op = self.ops[k - 1]
+                for i, (off, n) in enumerate(self.ranges):
+                    lo, hi = max(off, op.offset), min(off + n, op.offset + op.length)
+                    if lo < hi:
+                        versions[i][lo - off:hi - off] = bytes([op.pattern]) * (hi - lo)
+                        current[i] = bytes(versions[i])
+                        if current[i] not in index[i]:
+                            size += n
+                            index[i][current[i]] = 0
+                if size > self.RANGE_INDEX_BYTES:
+                    return None
+            for i, content in enumerate(current):
+                index[i][content] |= 1 << k
+        return index
 
     def _record(self, buf: bytearray) -> None:
         self._by_k.append(digest(buf))
@@ -100,8 +127,13 @@ class RangeModel:
             self._apply(buf, op)
         return bytes(buf)
 
-    def matching(self, view: bytes) -> list[int]:
-        """Every k whose model view equals ``view``."""
+    def matching(self, view: bytes | list[bytes]) -> list[int]:
+        """Every k whose model view equals ``view``: the bytes of all ranges joined, or
+        a list holding the bytes of each range."""
+        if isinstance(view, list):
+            if self._index is not None and len(view) == len(self.ranges):
+                return self._matching_parts(view)
+            view = b"".join(view)
         if len(view) != self.view_bytes:
             return []
         guess = self._last_match
@@ -112,6 +144,25 @@ class RangeModel:
         if found:
             self._last_match = tuple(found)
         return found
+
+    def _matching_parts(self, parts: list[bytes]) -> list[int]:
+        """Intersect, range by range, the k that hold each part. A part seen before as
+        the very same object (a cached page) is found by identity, without comparing
+        its bytes; any other is looked up by content, which compares them exactly."""
+        mask = (1 << (len(self.ops) + 1)) - 1
+        for part, table, seen in zip(parts, self._index, self._seen):
+            hit = seen.get(id(part))
+            if hit is not None and hit[0] is part:
+                m = hit[1]
+            else:
+                m = table.get(part, 0)
+                if len(seen) >= 16:
+                    seen.clear()
+                seen[id(part)] = (part, m)  # the reference keeps the id from reuse
+            mask &= m
+            if not mask:
+                return []
+        return [k for k in range(len(self.ops) + 1) if mask >> k & 1]
 
     def _matching(self, view: bytes) -> list[int]:
         crc = crc32c.crc32c(view)

@@ -172,7 +172,7 @@ class Judge:
             return ex
         ex.matched_k = self.model.matching(view)
         if self.keep_views:
-            ex.view = view
+            ex.view = _joined(view)
         if self.probe and ex.matched_k and not ex.structure:
             ex.probe_error = self._probe_once(work, checks, reads)
         return ex
@@ -211,9 +211,13 @@ class Judge:
         dev = ImageDevice(image.fork())
         try:
             run_sync(self.writer.recover(dev))
-            return self.writer.view(dev, self.model.ranges)
+            return _joined(self.writer.view(dev, self.model.ranges))
         except Exception:
             return None
+
+
+def _joined(view: bytes | list[bytes]) -> bytes:
+    return b"".join(view) if isinstance(view, list) else view
 
 
 @dataclass

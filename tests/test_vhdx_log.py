@@ -414,7 +414,8 @@ def test_writer_plugin_round_trip(kind):
     rec = run_sync(w.recover(dev))
     assert rec.branches == ["clean"]
     model = RangeModel(ops)
-    assert w.view(dev, model.ranges) == model.view_after(3)
+    assert b"".join(w.view(dev, model.ranges)) == model.view_after(3)
+    assert model.matching(w.view(dev, model.ranges)) == [3]
     assert w.check_structure(dev) == []
     run_sync(w.probe(ImageDevice(img.fork())))
 

@@ -21,6 +21,7 @@ bytes.
 """
 from __future__ import annotations
 
+import functools
 import random
 import struct
 from dataclasses import dataclass
@@ -39,6 +40,13 @@ from .log import BlockIO, HeaderSession, LogWriter, as_io, check_signature
 from .replay import FIXED_POLICY, ReplayPolicy, ReplayResult, replay, scan_log
 
 READS_AS_ZERO = frozenset({NOT_PRESENT, UNDEFINED, ZERO, UNMAPPED, UNMAPPED_V095})
+
+
+@functools.lru_cache(maxsize=64)
+def zeros(length: int) -> bytes:
+    """One shared zero buffer per length: unallocated blocks read as the same object,
+    which the model then recognises by identity instead of comparing it again."""
+    return bytes(length)
 
 
 @dataclass(frozen=True)
@@ -199,7 +207,7 @@ class VhdxDriver:
     def read_extent(self, ext: Extent) -> bytes:
         state, file_off = self.block_state(ext.block)
         if state in READS_AS_ZERO:
-            return bytes(ext.length)
+            return zeros(ext.length)
         if state == FULLY_PRESENT:
             return self.io.read(file_off + ext.block_offset, ext.length)
         idx = self.bat_index_of(ext.block)

@@ -140,15 +140,17 @@ class VhdxWriter:
         result = yield from drv.open(dev, policy=self.recovery_policy)
         return Recovery(list(result.decisions), list(result.branches))
 
-    def view(self, dev: BlockDevice, ranges: list[tuple[int, int]]) -> bytes:
+    def view(self, dev: BlockDevice, ranges: list[tuple[int, int]]) -> list[bytes]:
+        # One part per range, unjoined: the model matches range by range, often by
+        # the identity of a cached page, which joining would throw away.
         if self.op_kind == "log_write":
-            return b"".join(dev.read(self.payload_base + off, n) for off, n in ranges)
+            return [dev.read(self.payload_base + off, n) for off, n in ranges]
         drv = self._attached(dev)
         end = max((off + n for off, n in ranges), default=0)
         if end > drv.virtual_size:  # the metadata shrank the disk: corrupt, not a crash
             raise RecoveryError(f"the virtual disk is {drv.virtual_size} bytes, too small "
                                 f"for the workload's range ending at {end:#x}")
-        return b"".join(drv.read(off, n) for off, n in ranges)
+        return [drv.read(off, n) for off, n in ranges]
 
     def _attached(self, dev: BlockDevice) -> VhdxDriver:
         """A driver over ``dev`` as it is, for reading only. The oracle's view, key
