@@ -95,7 +95,7 @@ class CliCrash(Exception):
         self.key = _key_from_text(stderr, status)
 
 
-# -- interesting values ---------------------------------------------------------------------
+# -- interesting values -----------------------------------------------------------------
 INTERESTING = (0, 1, 2, 3, 7, 8, 0x7F, 0x80, 0xFF, 0x100, 0x1FF, 0x200, 0xFFF, 0x1000,
                0x1001, 0xFFFF, 0x10000, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 1 << 32,
                MiB - 1, MiB, MiB + 1, 2 * MiB, 256 * MiB, vf.MAX_FILE_BYTES - MiB,
@@ -120,11 +120,16 @@ def interesting(rng: random.Random, width: int, extra: Sequence[int] = ()) -> in
     return value % (1 << (8 * width))
 
 
+def _how_many(rng: random.Random, most: int) -> int:
+    """1..most, each half as likely as the one before: mostly single mutations."""
+    return rng.choices(range(1, most + 1), [1 << (most - k) for k in range(most)])[0]
+
+
 def _le(value: int, width: int) -> bytes:
     return (value % (1 << (8 * width))).to_bytes(width, "little")
 
 
-# -- VHDX seeds -------------------------------------------------------------------------------
+# -- VHDX seeds -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Span:
     """Where one structure of a seed image lies; ``tag`` adds detail (a metadata item's
@@ -372,7 +377,7 @@ def _bunzip_sparse(src: Path, workdir: Path) -> Path:
     return out
 
 
-# -- VHDX mutations ---------------------------------------------------------------------------
+# -- VHDX mutations ---------------------------------------------------------------------
 HEADER_FIELDS = (("signature", 0, 4), ("sequence_number", 8, 8),
                  ("file_write_guid", 16, 16), ("data_write_guid", 32, 16),
                  ("log_guid", 48, 16), ("log_version", 64, 2), ("version", 66, 2),
@@ -410,7 +415,7 @@ class VhdxMutator:
         self.notes: list[str] = []
 
     def mutate(self, count: int | None = None) -> SparseImage:
-        n = count if count is not None else 1 + min(3, int(self.rng.expovariate(1.0)))
+        n = count if count is not None else _how_many(self.rng, 4)
         ops, weights = zip(*_VHDX_OPS)
         for _ in range(n):
             self.rng.choices(ops, weights)[0](self)
@@ -428,8 +433,8 @@ class VhdxMutator:
 
     def put(self, offset: int, data: bytes, what: str) -> None:
         self.img.write(offset, data)
-        self.notes.append(f"{what}: write {data.hex() if len(data) <= 16 else f'{len(data)} bytes'}"
-                          f" at {offset:#x}")
+        shown = data.hex() if len(data) <= 16 else f"{len(data)} bytes"
+        self.notes.append(f"{what}: write {shown} at {offset:#x}")
 
     def fix_crc(self, span: Span) -> None:
         if span.kind in ("header", "region-table"):
@@ -624,7 +629,8 @@ class VhdxMutator:
             what = f"log entry at log+{pos:#x} descriptor {i} field {name}"
         value = self.descriptor_value(name, width)
         self.log_write(at, value)
-        self.notes.append(f"{what}: write {value.hex()} at log+{at % self.geo['log_length']:#x}")
+        where = at % self.geo["log_length"]
+        self.notes.append(f"{what}: write {value.hex()} at log+{where:#x}")
         if rng.random() < 0.85:
             self.fix_crc(e)
 
@@ -820,7 +826,7 @@ _VHDX_OPS = ((VhdxMutator.op_field, 6), (VhdxMutator.op_flip, 3), (VhdxMutator.o
              (VhdxMutator.op_region_table, 1), (VhdxMutator.op_metadata_table, 1))
 
 
-# -- dm-log-writes seeds and mutations ------------------------------------------------------
+# -- dm-log-writes seeds and mutations --------------------------------------------------
 @dataclass
 class DmLogSeed:
     name: str
@@ -873,7 +879,7 @@ class DmLogMutator:
     def mutate(self) -> bytes:
         ops = (self.op_super, self.op_entry, self.op_entry, self.op_flip, self.op_cut,
                self.op_splice, self.op_append, self.op_rebuild, self.op_rebuild)
-        for _ in range(1 + min(2, int(self.rng.expovariate(1.2)))):
+        for _ in range(_how_many(self.rng, 3)):
             self.rng.choice(ops)()
         if self.rng.random() < 0.02:
             self.blob = bytearray(self.rng.randbytes(self.rng.randrange(2048)))
@@ -958,7 +964,7 @@ class DmLogMutator:
         self.notes.append(f"{len(extra)} bytes appended")
 
 
-# -- scenario seeds and mutations -------------------------------------------------------------
+# -- scenario seeds and mutations -------------------------------------------------------
 BUILTIN_SCENARIOS = {
     "vhdx-min.yaml": "name: vhdx-min\nwriter: {kind: vhdx}\nworkload:\n  image: "
                      "{virtual_size: 64MiB, block_size: 1MiB, log_size: 1MiB}\n  ops:\n"
@@ -1021,7 +1027,7 @@ class ScenarioMutator:
 
     def mutate(self) -> bytes:
         ops = (self.op_value, self.op_value, self.op_key, self.op_line, self.op_splice)
-        for _ in range(1 + min(3, int(self.rng.expovariate(1.0)))):
+        for _ in range(_how_many(self.rng, 4)):
             self.rng.choice(ops)()
         data = self.text.encode("utf-8", errors="surrogatepass")
         if self.rng.random() < 0.1:
@@ -1059,8 +1065,8 @@ class ScenarioMutator:
         else:
             lines[i] = lines[i].lstrip()
         self.text = "\n".join(lines)
-        self.notes.append(f"line {i + 1} {('deleted', 'copied', 'swapped', 'indented', 'dedented')[how]}"
-                          f" (with line {j + 1})")
+        done = ("deleted", "copied", "swapped", "indented", "dedented")[how]
+        self.notes.append(f"line {i + 1} {done} (with line {j + 1})")
 
     def op_splice(self) -> None:
         if not self.others:
@@ -1090,7 +1096,7 @@ class ScenarioMutator:
         return bytes(data)
 
 
-# -- targets ------------------------------------------------------------------------------------
+# -- targets ----------------------------------------------------------------------------
 @dataclass
 class FuzzInput:
     """One mutated input; targets read it and must not change it."""
@@ -1386,7 +1392,8 @@ def dmlog_trace_paths(path: Path, rng: random.Random) -> None:
         except DmLogError as exc:
             check_dmlog_error(exc, path)
     try:
-        dmlog_replay(log, SparseImage(base.size_bytes), rng.choice([None, 1, len(log.entries)]))
+        upto = rng.choice([None, 1, len(log.entries)])
+        dmlog_replay(log, SparseImage(base.size_bytes), upto)
     except DmLogError as exc:
         check_dmlog_error(exc, path)
 
@@ -1430,7 +1437,7 @@ def default_targets() -> list[Target]:
     ]
 
 
-# -- the corpus -------------------------------------------------------------------------------
+# -- the corpus -------------------------------------------------------------------------
 class Corpus:
     """Seeds of every family, and the mutated input number ``index`` drawn from them."""
 
@@ -1479,7 +1486,7 @@ class Corpus:
         return FuzzInput(family, index, name, rng, self.workdir, m.notes, blob=blob, path=path)
 
 
-# -- crashers and the campaign ----------------------------------------------------------------
+# -- crashers and the campaign ----------------------------------------------------------
 @dataclass
 class Crasher:
     key: tuple[str, str]        # (exception type, file:line)
@@ -1687,7 +1694,7 @@ def summary(result: CampaignResult) -> str:
     return "\n".join(lines)
 
 
-# -- the command --------------------------------------------------------------------------------
+# -- the command ------------------------------------------------------------------------
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("fuzz", help="fuzz crashsim's own parsers and recovery "
                               "(it must never crash)")
@@ -1727,7 +1734,8 @@ def _memory_limit(limit_bytes: int) -> Iterator[None]:
     """A soft address-space limit, so that a runaway allocation in the code under test
     fails with MemoryError (a crasher) instead of exhausting the machine."""
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    new = limit_bytes if hard == resource.RLIM_INFINITY else min(limit_bytes, hard)
+    new = max(limit_bytes, _address_space_bytes() + (2 << 30))  # room beyond what is used
+    new = new if hard == resource.RLIM_INFINITY else min(new, hard)
     if soft != resource.RLIM_INFINITY and soft <= new:
         yield
         return
@@ -1736,3 +1744,11 @@ def _memory_limit(limit_bytes: int) -> Iterator[None]:
         yield
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _address_space_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[0]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return 0
