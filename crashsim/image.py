@@ -47,6 +47,21 @@ class SparseImage:
     def sealed(self) -> bool:
         return self._pages is not None
 
+    def inherit_pages(self, older: "SparseImage") -> None:
+        """Start this sealed layer's cache with the pages of ``older``, an ancestor,
+        that no layer in between changes: consecutive steps differ in a few pages, and
+        rebuilding all the others every step would cost more than judging."""
+        if self._pages is None or older._pages is None or older is self:
+            return
+        changed: set[int] = set()
+        layer: SparseImage | None = self
+        while layer is not None and layer is not older:
+            changed.update(layer._page_index())
+            layer = layer.parent
+        if layer is None:
+            return  # not an ancestor (layers were merged): start empty
+        self._pages = {p: page for p, page in older._pages.items() if p not in changed}
+
     def drop_pages(self) -> None:
         """Free the read cache (it is rebuilt on demand; the layer stays sealed)."""
         if self._pages:

@@ -111,17 +111,21 @@ def parse_cache(maxsize: int = 256):
 
         @functools.wraps(fn)
         def call(*args):
-            return _fresh(cached(*(bytes(a) if isinstance(a, (bytearray, memoryview))
-                                   else a for a in args)))
+            try:
+                value = cached(*args)
+            except (TypeError, ValueError):  # a bytearray or writable view: unhashable
+                value = cached(*(bytes(a) if isinstance(a, (bytearray, memoryview))
+                                 else a for a in args))
+            return _fresh(value) if type(value) in (list, tuple) else value
         call.cache_clear = cached.cache_clear
         return call
     return wrap
 
 
 def _fresh(value):
-    if isinstance(value, list):
+    if type(value) is list:
         return list(value)
-    if isinstance(value, tuple):
+    if type(value) is tuple and any(type(v) in (list, tuple) for v in value):
         return tuple(_fresh(v) for v in value)
     return value
 

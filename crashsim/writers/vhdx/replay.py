@@ -32,7 +32,7 @@ from ...image import SparseImage
 from .format import (HEADER_SLOTS, LOG_SECTOR, ZERO_GUID, Header, LogEntry, LogEntryHeader,
                      MiB, VhdxCorrupt, check_data_sector, check_entry_header, check_layout,
                      check_log_geometry, entry_checksum_ok, parse_descriptors,
-                     MAX_REPLAY_ZERO_BYTES, parse_log_entry_header, round_up)
+                     MAX_REPLAY_ZERO_BYTES, parse_cache, parse_log_entry_header, round_up)
 from .log import BlockIO, HeaderSession, apply_entry, as_io
 
 
@@ -173,21 +173,37 @@ def _signed_heads(io: BlockIO | BlockDevice, header: Header) -> Iterator[tuple[i
 
 def _check_candidate(io: BlockIO | BlockDevice, pos: int, h: LogEntryHeader,
                      header: Header, policy: ReplayPolicy) -> Candidate:
-    cand = Candidate(pos, h)
-    try:
-        check_entry_header(h, log_length=header.log_length, log_guid=header.log_guid,
-                           offset=pos)
-    except VhdxCorrupt as exc:
-        cand.reason, cand.code = exc.reason, exc.code
-        return cand
+    rejected = _header_rejection(h, header.log_length, header.log_guid, pos)
+    if rejected is not None:
+        return Candidate(pos, h, reason=rejected[0], code=rejected[1])
     blob = read_entry_bytes(io, header, pos, h.entry_length)
+    return _entry_candidate(blob, pos, h, header.log_offset, policy)
+
+
+# A log holds dozens of entries and every crash state's recovery scans them all; nearly
+# all are the same bytes as in the state before. Both checks are pure functions of their
+# arguments, so their results are shared (Candidates are never changed once made).
+@parse_cache(maxsize=4096)
+def _header_rejection(h: LogEntryHeader, log_length: int, log_guid, pos: int
+                      ) -> tuple[str, str] | None:
+    try:
+        check_entry_header(h, log_length=log_length, log_guid=log_guid, offset=pos)
+    except VhdxCorrupt as exc:
+        return exc.reason, exc.code
+    return None
+
+
+@parse_cache(maxsize=4096)
+def _entry_candidate(blob: bytes, pos: int, h: LogEntryHeader, log_offset: int,
+                     policy: ReplayPolicy) -> Candidate:
+    cand = Candidate(pos, h)
     try:
         descs = parse_descriptors(blob, h, pos)
     except VhdxCorrupt as exc:
         if policy.qemu_quirks:
             raise VhdxCorrupt(f"log entry at log+{pos:#x} (seq {h.sequence_number}) has a "
                               f"valid header but {exc.reason}: QEMU fails the whole open",
-                              header.log_offset + (exc.offset or pos), "descriptor") from None
+                              log_offset + (exc.offset or pos), "descriptor") from None
         cand.reason, cand.code = exc.reason, exc.code
         return cand
     try:
