@@ -98,6 +98,7 @@ class Judge:
         self._checks = _KeyedCache(CHECKS_CACHE_ENTRIES)
         self._memo = ReadSetMemo(enabled=share_reads and
                                  getattr(writer, "reads_through_device", False))
+        self._views = ReadSetMemo(enabled=self._memo.enabled)
         self.memo_hits = 0
         self._cache: dict[object, Examined] = {}
         self._recorded: dict[object, Examined] = {}
@@ -161,7 +162,7 @@ class Judge:
                             recovery_trace=rec_trace)
         ex = Examined(recovery, recovery_trace=rec_trace)
         try:
-            view = self.writer.view(dev, self.model.ranges)
+            view = self._view_of(image, work, dev, reads)
             checks = self._checks_of(dev)
             ex.structure = list(checks.structure)
         except RecoveryError as exc:
@@ -176,6 +177,23 @@ class Judge:
         if self.probe and ex.matched_k and not ex.structure:
             ex.probe_error = self._probe_once(work, checks, reads)
         return ex
+
+    def _view_of(self, image: SparseImage, work: SparseImage, dev: ImageDevice,
+                 reads: list[tuple[int, int]] | None):
+        """The writer's view of the recovered ``work``, or the view of an earlier
+        recovered state of this step that agrees with it wherever a view read. Most
+        states that recovery sees differently (a torn log entry) read the same data."""
+        if reads is None:
+            return self.writer.view(dev, self.model.ranges)
+        overlay = {**image.sectors, **work.sectors}
+        seen = self._views.find_over(overlay, work.size_bytes, image.parent)
+        if seen is not None:
+            reads += seen.reads  # the same bytes were read, so note them for this state
+            return seen.result
+        mark = len(reads)
+        view = self.writer.view(dev, self.model.ranges)
+        self._views.add_over(overlay, work.size_bytes, image.parent, reads[mark:], view)
+        return view
 
     def _checks_of(self, dev: ImageDevice) -> "_Checks":
         key = None

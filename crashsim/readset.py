@@ -51,6 +51,7 @@ class _Judged:
     starts: list[int]  # merged sector intervals read, sorted
     ends: list[int]
     result: object
+    reads: list[tuple[int, int]]  # as noted, for a caller that reuses the result
 
 
 class ReadSetMemo:
@@ -66,16 +67,24 @@ class ReadSetMemo:
 
     def find(self, image: SparseImage):
         """The result of a judged state that ``image`` agrees with where it was read."""
-        if not self._applies(image) or image.parent is not self._durable:
+        if not self._applies(image):
             return None
-        own = _pages_of(image.sectors)
+        found = self.find_over(image.sectors, image.size_bytes, image.parent)
+        return None if found is None else found.result
+
+    def find_over(self, sectors: dict[int, bytes], size_bytes: int,
+                  durable: SparseImage) -> "_Judged | None":
+        """The judged entry that content ``sectors`` over ``durable`` agrees with."""
+        if durable is not self._durable:
+            return None
+        own = _pages_of(sectors)
         for judged in reversed(self._judged):
-            if judged.size_bytes != image.size_bytes:
+            if judged.size_bytes != size_bytes:
                 continue
             if judged.pages.isdisjoint(own) and judged.pages.isdisjoint(judged.own_pages):
-                return judged.result  # neither state's own sectors were read at all
-            if _agrees(image.sectors, judged, image.parent):
-                return judged.result
+                return judged  # neither state's own sectors were read at all
+            if _agrees(sectors, judged, durable):
+                return judged
         return None
 
     def reads_for(self, image: SparseImage) -> list[tuple[int, int]] | None:
@@ -83,15 +92,19 @@ class ReadSetMemo:
         return [] if self._applies(image) else None
 
     def add(self, image: SparseImage, reads: list[tuple[int, int]], result: object) -> None:
-        if image.parent is not self._durable:
-            self._durable, self._judged = image.parent, []
+        self.add_over(image.sectors, image.size_bytes, image.parent, reads, result)
+
+    def add_over(self, sectors: dict[int, bytes], size_bytes: int, durable: SparseImage,
+                 reads: list[tuple[int, int]], result: object) -> None:
+        if durable is not self._durable:
+            self._durable, self._judged = durable, []
         if len(self._judged) >= MAX_STATES_PER_LAYER:
             return
         starts, ends = _merged_sectors(reads)
         pages = frozenset(p for a, b in zip(starts, ends)
                           for p in range(a // PAGE_SECTORS, b // PAGE_SECTORS + 1))
-        self._judged.append(_Judged(image.sectors, _pages_of(image.sectors),
-                                    image.size_bytes, pages, starts, ends, result))
+        self._judged.append(_Judged(sectors, _pages_of(sectors), size_bytes, pages,
+                                    starts, ends, result, list(reads)))
 
 
 def _pages_of(sectors: dict[int, bytes]) -> frozenset[int]:
