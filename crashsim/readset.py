@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from .blockdev import ImageDevice
 from .image import PAGE_SECTORS, SECTOR_BYTES, SparseImage
 
-MAX_STATES_PER_LAYER = 256  # judged states remembered per durable layer
+RECENT_STATES = 32  # judged states kept per durable layer: nearly every hit is among them
 
 
 class ReadLogDevice(ImageDevice):
@@ -98,8 +98,8 @@ class ReadSetMemo:
                  reads: list[tuple[int, int]], result: object) -> None:
         if durable is not self._durable:
             self._durable, self._judged = durable, []
-        if len(self._judged) >= MAX_STATES_PER_LAYER:
-            return
+        if len(self._judged) >= RECENT_STATES:
+            del self._judged[0]  # lookups compare the newest ones only
         starts, ends = _merged_sectors(reads)
         pages = frozenset(p for a, b in zip(starts, ends)
                           for p in range(a // PAGE_SECTORS, b // PAGE_SECTORS + 1))

@@ -610,6 +610,7 @@ def build_log_entry(*, sequence_number: int, tail: int, log_guid: uuid.UUID,
     return with_checksum(blob)
 
 
+@parse_cache(maxsize=4096)
 def parse_log_entry_header(blob: bytes, offset: int) -> LogEntryHeader:
     """The 64-byte entry header; VhdxCorrupt unless the signature is "loge"."""
     _need(blob, 64, "log entry header", offset)

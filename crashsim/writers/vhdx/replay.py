@@ -175,7 +175,7 @@ def _check_candidate(io: BlockIO | BlockDevice, pos: int, h: LogEntryHeader,
                      header: Header, policy: ReplayPolicy) -> Candidate:
     rejected = _header_rejection(h, header.log_length, header.log_guid, pos)
     if rejected is not None:
-        return Candidate(pos, h, reason=rejected[0], code=rejected[1])
+        return rejected
     blob = read_entry_bytes(io, header, pos, h.entry_length)
     return _entry_candidate(blob, pos, h, header.log_offset, policy)
 
@@ -185,11 +185,11 @@ def _check_candidate(io: BlockIO | BlockDevice, pos: int, h: LogEntryHeader,
 # arguments, so their results are shared (Candidates are never changed once made).
 @parse_cache(maxsize=4096)
 def _header_rejection(h: LogEntryHeader, log_length: int, log_guid, pos: int
-                      ) -> tuple[str, str] | None:
+                      ) -> Candidate | None:
     try:
         check_entry_header(h, log_length=log_length, log_guid=log_guid, offset=pos)
     except VhdxCorrupt as exc:
-        return exc.reason, exc.code
+        return Candidate(pos, h, reason=exc.reason, code=exc.code)
     return None
 
 
