@@ -70,7 +70,20 @@ class SparseImage:
     def _check_writable(self) -> None:
         if self._pages is not None:
             raise RuntimeError("write to a sealed image layer; fork() it first")
-        self._index = None
+
+    def _note_new(self, first: int, last: int) -> list[int] | None:
+        """Sectors first..last this layer does not hold yet, to add to its page index
+        once written (recovery interleaves writes and reads: rebuilding the index
+        after every write would cost more than the reads it speeds up)."""
+        if self._index is None:
+            return None
+        return [i for i in range(first, last + 1) if i not in self.sectors]
+
+    def _index_new(self, fresh: list[int] | None) -> None:
+        if fresh:
+            index = self._index
+            for i in fresh:
+                index.setdefault(i // PAGE_SECTORS, []).append(i)
 
     def _page_index(self) -> dict[int, list[int]]:
         """Which of this layer's sectors lie in each page, so a read finds the few it
@@ -112,7 +125,9 @@ class SparseImage:
 
     def put_sector(self, index: int, data: bytes) -> None:
         self._check_writable()
+        fresh = self._note_new(index, index)
         self.sectors[index] = data
+        self._index_new(fresh)
 
     # -- byte access ----------------------------------------------------------------
     def read(self, offset: int, length: int) -> bytes:
@@ -177,6 +192,11 @@ class SparseImage:
         end = offset + len(data)
         if end > self.size_bytes:
             self.size_bytes = end
+        fresh = self._note_new(offset // SECTOR_BYTES, (end - 1) // SECTOR_BYTES)
+        self._write_sectors(offset, data)
+        self._index_new(fresh)
+
+    def _write_sectors(self, offset: int, data: bytes) -> None:
         pos = 0
         index = offset // SECTOR_BYTES
         skew = offset - index * SECTOR_BYTES
@@ -197,6 +217,7 @@ class SparseImage:
     def resize(self, size_bytes: int) -> None:
         """Grow or shrink; sectors past a shrink read as zero again when regrown."""
         self._check_writable()
+        self._index = None  # sectors may be deleted: rebuilt on the next read
         if size_bytes < self.size_bytes:
             last = (size_bytes + SECTOR_BYTES - 1) // SECTOR_BYTES
             for layer in self._layers():
