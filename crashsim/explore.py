@@ -343,7 +343,12 @@ def _explore_pool(ctx: Context, parts: list[list[int]], workers: int,
                                initargs=(ctx.scenario, ctx.trace))
     lost: list[list[int]] = []
     try:
-        futures = {pool.submit(_run_chunk, part): part for part in parts}
+        futures = {}
+        for part in parts:
+            try:
+                futures[pool.submit(_run_chunk, part)] = part
+            except BrokenProcessPool:  # a worker died (at start-up) while we submitted
+                lost.append(part)
         for fut in as_completed(futures):
             try:
                 chunk = fut.result()
