@@ -32,3 +32,11 @@ def test_serial_process_and_dask_results_are_identical(tmp_path):
     assert serial == pool
     assert serial == dask
     assert '"mixed": 0' not in serial
+
+
+def test_chunks_go_out_interleaved_so_each_worker_keeps_neighbouring_steps():
+    from crashsim.explore import _interleaved, chunks
+    parts = chunks(12, 2)  # six chunks of two: the shares are chunks 0-2 and 3-5
+    order = _interleaved(parts, 2)
+    assert order == [parts[0], parts[3], parts[1], parts[4], parts[2], parts[5]]
+    assert sorted(p for part in order for p in part) == list(range(12))

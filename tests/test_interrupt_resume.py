@@ -67,12 +67,19 @@ class KillWal(WalWriter):
 
 
 class StartupDeathWal(WalWriter):
-    """Kills every process it is built in except the main one."""
+    """Kills every process it is built in except the main one. Pool workers forked
+    from the main process inherit its writer instead of building one, so there it dies
+    at its first recovery; the fresh processes that judge lost work again build it."""
 
     def __init__(self, **kwargs):
         if multiprocessing.parent_process() is not None:
             os._exit(3)
         super().__init__(**kwargs)
+
+    def recover(self, dev):
+        if multiprocessing.parent_process() is not None:
+            os._exit(3)
+        return (yield from super().recover(dev))
 
 
 class RaiseWal(WalWriter):
@@ -349,7 +356,7 @@ def test_chunks_of_the_remaining_points_stay_sorted_and_cover_them():
     todo = [3, 4, 5, 9, 10, 40, 41, 42, 43]
     parts = chunks(50, 2, todo)
     assert [p for part in parts for p in part] == todo
-    assert chunks(10, 1) == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert chunks(10, 1) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
 # -- a worker process that dies --------------------------------------------------------
