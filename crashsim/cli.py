@@ -8,15 +8,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 import traceback
 from pathlib import Path
 
-EXIT_OK, EXIT_FAIL, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-
-
-class InputError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
+from .errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, InputError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
         vhdx_cli.add_parser(sub)
     except ImportError:  # the VHDX tools are part of the package; this guards partial installs
         pass
-    from . import fuzz; fuzz.add_parser(sub)
+    from . import fuzz
+    fuzz.add_parser(sub)
 
     bench = sub.add_parser("bench", help="run the standard benchmark")
     bench.add_argument("--json", action="store_true")

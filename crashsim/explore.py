@@ -101,7 +101,7 @@ def build_context(scenario: Scenario, trace: Trace | None = None) -> Context:
     if trace is None and scenario.is_trace:
         # A bad log, a failed recording or a missing tool is an input error (exit 2,
         # one line), never an internal one.
-        from .cli import InputError
+        from .errors import InputError
         from .dmlog import DmLogError
         from .external import CommandFailed, ToolMissing
         from .writers.recorded import TraceError

@@ -1712,7 +1712,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_fuzz(args: argparse.Namespace) -> int:
-    from .cli import EXIT_FAIL, EXIT_OK, InputError
+    from .errors import EXIT_FAIL, EXIT_OK, InputError
     if not 0 < args.minutes <= 7 * 24 * 60:
         raise InputError(f"--minutes {args.minutes}: give a duration above 0, at most a "
                          f"week")

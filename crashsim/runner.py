@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from . import __version__
 from .checkpoint import Checkpoint, run_key
-from .cli import EXIT_FAIL, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_OK, InputError
+from .errors import EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, InputError
 from .explore import (ExploreInterrupted, StepResult, build_any, build_context,
                       explore_all)
 from .interrupt import held
