@@ -57,8 +57,8 @@ def merge_ranges(ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
 class RangeModel:
     """The content of the workload's ranges after k operations (k = 0 .. len(ops)).
 
-    Per k only a CRC-32C and a BLAKE2b digest are kept, so a long workload over large
-    ranges stays small in memory. Matching a view is on the hot path of every crash
+    Per k only a CRC-32C (and, for views too large to cache, a BLAKE2b digest) is kept,
+    so a long workload over large ranges stays small in memory. Matching a view is on the hot path of every crash
     state: the hardware CRC picks the candidate k, and an exact comparison with the
     expected view (kept in a bounded cache) confirms it, so no collision can pass.
     """
@@ -75,6 +75,7 @@ class RangeModel:
             self._starts.append((off, length, pos))
             pos += length
         self.view_bytes = pos
+        self._by_digest = self.view_bytes > self.VIEW_CACHE_BYTES // 4
         self._by_k: list[bytes] = []
         self._crc_by_k: list[int] = []
         self._views: OrderedDict[int, bytes] = OrderedDict()
@@ -112,7 +113,10 @@ class RangeModel:
         return index
 
     def _record(self, buf: bytearray) -> None:
-        self._by_k.append(digest(buf))
+        # BLAKE2b confirms a CRC match only for views too large to keep for an exact
+        # comparison; hashing every k's view otherwise costs more than all matching.
+        if self._by_digest:
+            self._by_k.append(digest(buf))
         self._crc_by_k.append(crc32c.crc32c(buf))
 
     def _apply(self, buf: bytearray, op: Op) -> None:
@@ -169,7 +173,7 @@ class RangeModel:
         candidates = [k for k, ck in enumerate(self._crc_by_k) if ck == crc]
         if not candidates:
             return []
-        if self.view_bytes > self.VIEW_CACHE_BYTES // 4:
+        if self._by_digest:
             d = digest(view)
             return [k for k in candidates if self._by_k[k] == d]
         return [k for k in candidates if self._cached_view(k) == view]

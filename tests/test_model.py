@@ -52,3 +52,11 @@ def test_a_huge_model_falls_back_to_the_joined_view():
     model = RangeModel(ops)
     assert model._index is None
     assert model.matching([model.view_after(3)]) == [3]
+
+
+def test_a_view_too_large_to_cache_is_confirmed_by_digest():
+    size = RangeModel.VIEW_CACHE_BYTES // 4 + 512
+    model = RangeModel([Op("guest_write", 0, size, 1), Op("guest_write", 0, 512, 2)])
+    assert model._by_digest and len(model._by_k) == 3
+    assert model.matching(model.view_after(1)) == [1]
+    assert model.matching(bytes([3]) * size) == []
