@@ -340,6 +340,7 @@ class _Builder:
         self.layers = [trace.base.fork()]  # durable overlays over the base, bottom first
         self.shared = False
         self.last_sealed: SparseImage | None = None
+        self.sealed_twin: SparseImage | None = None  # last_sealed's content, compacted
         self.hash = image_hash(trace.base)
         self.submit: dict[int, int] = {}
         self.complete: dict[int, int] = {}
@@ -362,7 +363,7 @@ class _Builder:
         self.shared = True
         durable = self.layers[-1].seal()  # shared from now on, so never written again
         if self.last_sealed is not None and self.last_sealed is not durable:
-            durable.inherit_pages(self.last_sealed)
+            durable.inherit_pages(self.last_sealed, self.sealed_twin)
             self.last_sealed.drop_pages()  # keep one step's page cache, not every step's
         self.last_sealed = durable
         return StepStates(self.trace, p, durable, self.hash,
@@ -378,6 +379,7 @@ class _Builder:
     def _writable(self) -> SparseImage:
         if self.shared:
             self._compact()
+            self.sealed_twin = self.layers[-1]  # what was sealed, perhaps merged down
             self.layers.append(self.layers[-1].fork())
             self.shared = False
         return self.layers[-1]

@@ -47,15 +47,18 @@ class SparseImage:
     def sealed(self) -> bool:
         return self._pages is not None
 
-    def inherit_pages(self, older: "SparseImage") -> None:
+    def inherit_pages(self, older: "SparseImage",
+                      twin: "SparseImage | None" = None) -> None:
         """Start this sealed layer's cache with the pages of ``older``, an ancestor,
         that no layer in between changes: consecutive steps differ in a few pages, and
-        rebuilding all the others every step would cost more than judging."""
+        rebuilding all the others every step would cost more than judging. ``twin`` is
+        an ancestor with the same content as ``older`` (``older`` merged with the layers
+        below it), which serves as well."""
         if self._pages is None or older._pages is None or older is self:
             return
         changed: set[int] = set()
         layer: SparseImage | None = self
-        while layer is not None and layer is not older:
+        while layer is not None and layer is not older and layer is not twin:
             changed.update(layer._page_index())
             layer = layer.parent
         if layer is None:

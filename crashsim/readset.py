@@ -112,8 +112,8 @@ def _pages_of(sectors: dict[int, bytes]) -> frozenset[int]:
 
 
 def _merged_sectors(reads: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    spans = sorted((off // SECTOR_BYTES, (off + n - 1) // SECTOR_BYTES)
-                   for off, n in reads if n > 0)
+    spans = sorted({(off // SECTOR_BYTES, (off + n - 1) // SECTOR_BYTES)
+                    for off, n in set(reads) if n > 0})  # judging rereads headers a lot
     starts: list[int] = []
     ends: list[int] = []
     for a, b in spans:

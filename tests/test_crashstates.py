@@ -449,3 +449,25 @@ def test_every_state_unit_is_durable_or_a_legal_pending_version(trace, seed, gar
                     assert got not in options[u]
                 else:
                     assert got in options[u], (s.state_id, u)
+
+
+def test_durable_page_caches_stay_true_across_layer_merges():
+    """Each step's durable layer starts with the page cache of the step before, also
+    when the layers under it were merged; a stale page would show here as a read that
+    differs from the same layer read without any cache."""
+    pages, page_bytes = 8, 64 * 1024
+    tb = TB(sectors=pages * page_bytes // S, fill=0x11)
+    rng = __import__("random").Random(7)
+    io = 0
+    for _ in range(40):
+        sector = rng.randrange(pages * page_bytes // S - 4)
+        tb.write(io, sector, rng.randint(1, 4)).flush(io + 1)
+        io += 2
+    size = tb.trace.base.size_bytes
+    merged = 0
+    for step in cs.iter_steps(tb.trace):
+        cached = step.durable.read(0, size)  # fills and then uses the inherited pages
+        merged += step.durable.parent is not None and len(step.durable.parent.sectors) > 4
+        assert cached == step.durable.flattened().read(0, size), step.p
+        assert step.durable.read(0, size) == cached
+    assert merged > 0  # the layers under the durable one were merged at some steps

@@ -461,3 +461,48 @@ def test_scan_log_is_read_only():
     key = img.content_key()
     scan = scan_log(ImageDevice(img), _current(img))
     assert scan.active is not None and img.content_key() == key
+
+
+def test_scan_memo_gives_the_scan_a_fresh_scan_gives():
+    """Scans are memoised on the log's bytes; every crash state of a torn, wrapping log
+    scans the same as with the memo emptied first, under every policy."""
+    from crashsim import crashstates
+    from crashsim.explore import build_context
+    from crashsim.scenario import Scenario
+    from crashsim.writers.vhdx import replay as r
+    sc = Scenario.model_validate({
+        "name": "memo", "writer": {"kind": "vhdx"},
+        "device": {"atomic_write_bytes": 512},
+        "workload": {"image": {"virtual_size": 64 * MiB, "log_size": MiB},
+                     "ops": [{"guest_write": {"offset": i * 2 * MiB, "length": 4096,
+                                              "pattern": i + 1}} for i in range(12)]},
+        "explore": {"seed": 3, "max_states_per_step": 6}})
+    ctx = build_context(sc)
+
+    def shape(scan):
+        return ([(c.position, c.valid, c.reason) for c in scan.candidates],
+                [[c.position for c in run.entries] for run in scan.runs],
+                None if scan.active is None else scan.active.head.position,
+                scan.empty_sectors, scan.header)
+
+    scanned = 0
+    for st in crashstates.iter_steps(ctx.trace):
+        for state in crashstates.enumerate_states(st, 6, 3):
+            dev = ImageDevice(state.image)
+            header = HeaderSession.load(dev).current
+            if header.log_guid == f.ZERO_GUID:
+                continue
+            for policy in (FIXED_POLICY, QEMU_POLICY, ReplayPolicy()):
+                try:
+                    memo = shape(scan_log(dev, header, policy))
+                except f.VhdxCorrupt as exc:
+                    memo = str(exc)
+                r._SCANS.clear()
+                r._PAGES.clear()
+                try:
+                    fresh = shape(scan_log(dev, header, policy))
+                except f.VhdxCorrupt as exc:
+                    fresh = str(exc)
+                assert memo == fresh, state.state_id
+                scanned += 1
+    assert scanned > 50

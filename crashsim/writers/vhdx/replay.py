@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass, field
-from typing import Iterator
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Iterator
 
 from ...blockdev import BlockDevice, IOGen
 from ...image import SparseImage
@@ -79,9 +80,29 @@ class Candidate:
     reason: str = ""
     code: str = ""
 
+    _note: tuple[int, str, str] | None = field(default=None, repr=False, compare=False)
+
     @property
     def valid(self) -> bool:
         return self.entry is not None
+
+    def note(self, log_length: int) -> tuple[str, str]:
+        """Its decision line and branch name ("" if none); made once, since candidates
+        are shared by every crash state whose log holds the same entry."""
+        if self._note is None or self._note[0] != log_length:
+            self._note = (log_length, *self._describe(log_length))
+        return self._note[1], self._note[2]
+
+    def _describe(self, log_length: int) -> tuple[str, str]:
+        seq = self.header.sequence_number
+        where = f"log+{self.position:#x}"
+        if self.valid:
+            wraps = self.position + self.header.entry_length > log_length
+            return (f"{where}: entry seq {seq} valid ({self.header.descriptor_count} "
+                    f"descriptors, {self.header.entry_length:#x} bytes"
+                    f"{', wraps to the log start' if wraps else ''})"), ""
+        state = "inactive" if self.code == "guid-mismatch" else "invalid"
+        return f"{where}: entry seq {seq} {state}: {self.reason}", f"entry-invalid:{self.code}"
 
 
 @dataclass
@@ -107,11 +128,14 @@ class Run:
 
 @dataclass
 class LogScan:
+    """What a scan found; shared between callers (memoised), so never changed once made."""
     header: Header
     candidates: list[Candidate]
     runs: list[Run]
     active: Run | None
     empty_sectors: int
+    notes: tuple[tuple[str, ...], tuple[str, ...]] | None = field(
+        default=None, repr=False, compare=False)  # describe_scan's lines, made once
 
 
 # -- scanning ---------------------------------------------------------------------------
@@ -138,37 +162,112 @@ def scan_log(io: BlockIO | BlockDevice, header: Header,
              policy: ReplayPolicy = ReplayPolicy()) -> LogScan:
     """Every candidate entry, the sequences, and the active one (no writes)."""
     check_log_in_file(io, header)
+    if header.log_length > MEMO_LOG_BYTES:  # read a page at a time, and keep none
+        return _scan_pages(io, header, policy, _log_pages(io, header), memo=False)
+    pages = tuple(_log_pages(io, header))
+    key = (pages, header.log_offset, header.log_length, header.log_guid, policy)
+    scan = _SCANS.get(key)
+    if scan is None:
+        scan = _SCANS.put(key, _scan_pages(io, header, policy, pages))
+    return scan if scan.header == header else replace(scan, header=header)
+
+
+class _Memo:
+    """A small LRU map. Crash states of one workload share nearly all their log bytes, and
+    a scan (or a page's candidates) is a pure function of those bytes, the header's log
+    fields and the policy: recomputing it per state made replay cost grow with the number
+    of entries in the log, so a long workload cost more per state than a short one."""
+
+    def __init__(self, max_entries: int):
+        self.max_entries = max_entries
+        self._map: OrderedDict = OrderedDict()
+
+    def get(self, key):
+        value = self._map.get(key)
+        if value is not None:
+            self._map.move_to_end(key)
+        return value
+
+    def put(self, key, value):
+        self._map[key] = value
+        if len(self._map) > self.max_entries:
+            self._map.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._map.clear()
+
+
+_SCANS = _Memo(256)  # keys hold the log's pages: torn ones are new, 64 KiB each
+_PAGES = _Memo(1024)
+MEMO_LOG_BYTES = 16 << 20  # a larger log (a hostile header) is scanned but not kept
+
+
+def _log_pages(io: BlockIO | BlockDevice, header: Header) -> Iterator[bytes]:
+    for start in range(0, header.log_length, SCAN_CHUNK_BYTES):
+        blob = io.read(header.log_offset + start,
+                       min(SCAN_CHUNK_BYTES, header.log_length - start))
+        yield blob if type(blob) is bytes else bytes(blob)
+
+
+def _scan_pages(io: BlockIO | BlockDevice, header: Header, policy: ReplayPolicy,
+                pages: Iterable[bytes], memo: bool = True) -> LogScan:
     cands = []
-    for pos, head in _signed_heads(io, header):
+    for i, blob in enumerate(pages):
+        for item in _page_items(blob, i * SCAN_CHUNK_BYTES, header, policy, memo):
+            if type(item) is not Candidate:  # an entry that runs past this page
+                item = _check_candidate(io, item[0], item[1], header, policy)
+            cands.append(item)
+    empty = -(-header.log_length // LOG_SECTOR) - len(cands)
+    runs = _build_runs([c for c in cands if c.valid], header.log_length, policy)
+    return LogScan(header, cands, runs, _choose(runs, policy), empty)
+
+
+def _page_items(blob: bytes, start: int, header: Header, policy: ReplayPolicy,
+                memo: bool = True) -> tuple[Candidate | tuple[int, LogEntryHeader], ...]:
+    """The candidates whose bytes lie in this page, in log order. An entry that runs
+    past the page's end (and any after it) is left as (position, header) for the caller
+    to check, since its validity depends on bytes outside the page."""
+    key = (blob, start, header.log_offset, header.log_length, header.log_guid, policy)
+    items = _PAGES.get(key) if memo else None
+    if items is not None:
+        return items
+    found: list[Candidate | tuple[int, LogEntryHeader]] = []
+    crossed = False  # after an entry that runs past the page, the caller checks each
+    for rel, head in _signed_heads(blob):  # in log order, as a failing check must be
+        pos = start + rel
         try:
             h = parse_log_entry_header(head, pos)
         except VhdxCorrupt:
             continue
-        cands.append(_check_candidate(io, pos, h, header, policy))
-    empty = -(-header.log_length // LOG_SECTOR) - len(cands)
-    runs = _build_runs([c for c in cands if c.valid], header.log_length, policy)
-    return LogScan(header, cands, runs, _choose(runs, policy), empty)
+        rejected = _header_rejection(h, header.log_length, header.log_guid, pos)
+        if rejected is not None:
+            found.append(rejected)
+        elif crossed or rel + h.entry_length > len(blob):
+            found.append((pos, h))
+            crossed = True
+        else:
+            found.append(_entry_candidate(blob[rel:rel + h.entry_length], pos, h,
+                                          header.log_offset, policy))
+    return _PAGES.put(key, tuple(found)) if memo else tuple(found)
 
 
 SCAN_CHUNK_BYTES = 64 << 10  # one sealed page: read without joining or copying
 _ENTRY_SIGNATURE = b"loge"
 
 
-def _signed_heads(io: BlockIO | BlockDevice, header: Header) -> Iterator[tuple[int, bytes]]:
-    """(log position, first 64 bytes) of every 4 KiB log sector that starts with the
-    entry signature. The log is read a page at a time; a strided slice of each page
-    holds the first byte of every sector, so only sectors starting with "l" are looked
-    at (searching the whole page for the signature would cost more than the scan)."""
-    for start in range(0, header.log_length, SCAN_CHUNK_BYTES):
-        n = min(SCAN_CHUNK_BYTES, header.log_length - start)
-        blob = io.read(header.log_offset + start, n)
-        firsts = blob[::LOG_SECTOR]
-        i = firsts.find(_ENTRY_SIGNATURE[:1])
-        while i >= 0:
-            rel = i * LOG_SECTOR
-            if blob[rel:rel + 4] == _ENTRY_SIGNATURE:
-                yield start + rel, blob[rel:rel + 64]
-            i = firsts.find(_ENTRY_SIGNATURE[:1], i + 1)
+def _signed_heads(blob: bytes) -> Iterator[tuple[int, bytes]]:
+    """(offset, first 64 bytes) of every 4 KiB sector of a log page that starts with the
+    entry signature. A strided slice holds the first byte of every sector, so only
+    sectors starting with "l" are looked at (searching the whole page for the signature
+    would cost more than the scan)."""
+    firsts = blob[::LOG_SECTOR]
+    i = firsts.find(_ENTRY_SIGNATURE[:1])
+    while i >= 0:
+        rel = i * LOG_SECTOR
+        if blob[rel:rel + 4] == _ENTRY_SIGNATURE:
+            yield rel, blob[rel:rel + 64]
+        i = firsts.find(_ENTRY_SIGNATURE[:1], i + 1)
 
 
 def _check_candidate(io: BlockIO | BlockDevice, pos: int, h: LogEntryHeader,
@@ -274,19 +373,22 @@ def _choose(runs: list[Run], policy: ReplayPolicy) -> Run | None:
 # -- decisions --------------------------------------------------------------------------
 def describe_scan(scan: LogScan, res: ReplayResult) -> None:
     """One decision line per candidate entry and per sequence."""
+    if scan.notes is None:
+        lines = ReplayResult()
+        _describe(scan, lines)
+        scan.notes = (tuple(lines.decisions), tuple(lines.branches))
+    decisions, branches = scan.notes
+    res.decisions.extend(decisions)
+    for name in branches:
+        res.branch(name)
+
+
+def _describe(scan: LogScan, res: ReplayResult) -> None:
     for c in scan.candidates:
-        seq = c.header.sequence_number
-        where = f"log+{c.position:#x}"
-        if c.valid:
-            wraps = c.position + c.header.entry_length > scan.header.log_length
-            res.decisions.append(f"{where}: entry seq {seq} valid "
-                                 f"({c.header.descriptor_count} descriptors, "
-                                 f"{c.header.entry_length:#x} bytes"
-                                 f"{', wraps to the log start' if wraps else ''})")
-        else:
-            state = "inactive" if c.code == "guid-mismatch" else "invalid"
-            res.decisions.append(f"{where}: entry seq {seq} {state}: {c.reason}")
-            res.branch(f"entry-invalid:{c.code}")
+        line, branch = c.note(scan.header.log_length)
+        res.decisions.append(line)
+        if branch:
+            res.branch(branch)
     for r in scan.runs:
         if r.replay_from is None:
             res.decisions.append(f"{r.describe()}: head's Tail {r.head.header.tail:#x} is "
