@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import resource
 import shutil
+import statistics
 import time
 from pathlib import Path
 
@@ -94,21 +95,26 @@ def _cost_by_pending(sc: Scenario) -> dict[str, dict[str, float]]:
             for k, (n, states, t) in sorted(groups.items())}
 
 
-def _median_run(sc: Scenario, workers: int, runs: int = 3) -> tuple[int, float]:
-    """States and the median seconds of ``runs`` fresh explorations (a fresh context
-    each, so no run profits from an earlier one's verdict caches)."""
-    results = [_explore(sc, workers) for _ in range(runs)]
-    secs = sorted(s for _, s in results)[len(results) // 2]
-    return results[0][0], secs
+def _paired_runs(sc: Scenario, pairs: int) -> tuple[int, float, float]:
+    """States, the median serial seconds, and the median parallel speedup of ``pairs``
+    serial and 2-worker runs taken in turn, each on a fresh context (so no run profits
+    from an earlier one's verdict caches). Pairing lets a drift in the machine's speed
+    hit both sides of each ratio alike."""
+    serial, ratios = [], []
+    for _ in range(pairs):
+        explored, secs = _explore(sc, 1)
+        explored2, secs2 = _explore(sc, 2)
+        serial.append(secs)
+        ratios.append((explored2 / secs2) / (explored / secs))
+    return explored, statistics.median(serial), statistics.median(ratios)
 
 
 def run_bench(as_json: bool = False, quick: bool = False) -> int:
     writes = 5 if quick else 20
     sc = bench_scenario(writes)
     _explore(bench_scenario(2), 1)  # warm-up: imports and parse caches, not timed
-    explored, secs = _median_run(sc, 1)
+    explored, secs, speedup = _paired_runs(sc, 3 if quick else 5)
     rate = explored / secs
-    explored2, secs2 = _median_run(sc, 2)
     qemu_rate = _qemu_img_rate(sc, 5 if quick else 20)
     scaling = _scaling_by_writes([2, 5] if quick else [10, 20, 40, 80])
     by_pending = _cost_by_pending(sc)
@@ -122,7 +128,7 @@ def run_bench(as_json: bool = False, quick: bool = False) -> int:
         "states_per_second_per_core": round(rate, 1),
         "qemu_img_states_per_second": None if qemu_rate is None else round(qemu_rate, 2),
         "speedup_vs_qemu_img": None if qemu_rate is None else round(rate / qemu_rate, 1),
-        "parallel_speedup": round((explored2 / secs2) / rate, 2),
+        "parallel_speedup": round(speedup, 2),
         "scaling_by_writes": scaling,
         "cost_by_pending_writes": by_pending,
         "peak_rss_mib": round(peak, 1),

@@ -37,7 +37,7 @@ from .writers.base import ProbeFailed, Recovery, RecoveryError
 
 PASSING = ("old", "new")
 CACHE_ENTRIES = 1 << 16  # recovered contents a Judge remembers, to bound its memory
-CHECKS_CACHE_ENTRIES = 64  # structure keys are ~200 KiB; recent ones get nearly all hits
+CHECKS_CACHE_ENTRIES = 8  # structure keys are ~200 KiB; recent ones get all the hits
 
 
 @dataclass

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import random
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from ...blockdev import BlockDevice, IOGen
@@ -128,14 +128,11 @@ class Run:
 
 @dataclass
 class LogScan:
-    """What a scan found; shared between callers (memoised), so never changed once made."""
     header: Header
     candidates: list[Candidate]
     runs: list[Run]
     active: Run | None
     empty_sectors: int
-    notes: tuple[tuple[str, ...], tuple[str, ...]] | None = field(
-        default=None, repr=False, compare=False)  # describe_scan's lines, made once
 
 
 # -- scanning ---------------------------------------------------------------------------
@@ -162,21 +159,16 @@ def scan_log(io: BlockIO | BlockDevice, header: Header,
              policy: ReplayPolicy = ReplayPolicy()) -> LogScan:
     """Every candidate entry, the sequences, and the active one (no writes)."""
     check_log_in_file(io, header)
-    if header.log_length > MEMO_LOG_BYTES:  # read a page at a time, and keep none
-        return _scan_pages(io, header, policy, _log_pages(io, header), memo=False)
-    pages = tuple(_log_pages(io, header))
-    key = (pages, header.log_offset, header.log_length, header.log_guid, policy)
-    scan = _SCANS.get(key)
-    if scan is None:
-        scan = _SCANS.put(key, _scan_pages(io, header, policy, pages))
-    return scan if scan.header == header else replace(scan, header=header)
+    memo = header.log_length <= MEMO_LOG_BYTES  # a larger log (a hostile header) is not kept
+    return _scan_pages(io, header, policy, _log_pages(io, header), memo)
 
 
 class _Memo:
-    """A small LRU map. Crash states of one workload share nearly all their log bytes, and
-    a scan (or a page's candidates) is a pure function of those bytes, the header's log
-    fields and the policy: recomputing it per state made replay cost grow with the number
-    of entries in the log, so a long workload cost more per state than a short one."""
+    """A small LRU map. Crash states of one workload share nearly all their log pages, and
+    a page's candidates are a pure function of its bytes, the header's log fields and the
+    policy: checking every entry anew for every state made replay cost grow with the
+    number of entries in the log, so a long workload cost more per state than a short one.
+    (Whole scans recur too rarely to be worth keeping: a torn entry makes each new.)"""
 
     def __init__(self, max_entries: int):
         self.max_entries = max_entries
@@ -198,9 +190,8 @@ class _Memo:
         self._map.clear()
 
 
-_SCANS = _Memo(256)  # keys hold the log's pages: torn ones are new, 64 KiB each
-_PAGES = _Memo(1024)
-MEMO_LOG_BYTES = 16 << 20  # a larger log (a hostile header) is scanned but not kept
+_PAGES = _Memo(64)  # keys hold the pages, 64 KiB each; hits are nearly all recent ones
+MEMO_LOG_BYTES = 16 << 20
 
 
 def _log_pages(io: BlockIO | BlockDevice, header: Header) -> Iterator[bytes]:
@@ -373,17 +364,6 @@ def _choose(runs: list[Run], policy: ReplayPolicy) -> Run | None:
 # -- decisions --------------------------------------------------------------------------
 def describe_scan(scan: LogScan, res: ReplayResult) -> None:
     """One decision line per candidate entry and per sequence."""
-    if scan.notes is None:
-        lines = ReplayResult()
-        _describe(scan, lines)
-        scan.notes = (tuple(lines.decisions), tuple(lines.branches))
-    decisions, branches = scan.notes
-    res.decisions.extend(decisions)
-    for name in branches:
-        res.branch(name)
-
-
-def _describe(scan: LogScan, res: ReplayResult) -> None:
     for c in scan.candidates:
         line, branch = c.note(scan.header.log_length)
         res.decisions.append(line)
