@@ -8,6 +8,7 @@ Failing states are then shrunk in the parent, one per distinct violation.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -270,16 +271,50 @@ def capped_step(ctx: Context, st) -> StepResult:
                       skipped=st.legal_count, capped=True)
 
 
-def chunks(n_points: int, workers: int, todo: list[int] | None = None) -> list[list[int]]:
+def chunks(n_points: int, workers: int, todo: list[int] | None = None,
+           quiet: list[int] | None = None) -> list[list[int]]:
     """Contiguous chunks of crash points (of ``todo`` when given), three per worker.
 
     Neighbouring steps share most of their states, and each process caches verdicts:
     long runs of steps per worker keep those caches warm, while three chunks each
-    (measured against two, four, eight and sixteen) still even out the load.
+    (measured against two, four, eight and sixteen) still even out the load. A chunk
+    boundary moves to the nearest ``quiet`` point within a quarter chunk, if any.
     """
     points = list(range(n_points)) if todo is None else sorted(todo)
     size = max(1, math.ceil(len(points) / (workers * 3)))
-    return [points[i:i + size] for i in range(0, len(points), size)]
+    starts = [_snapped(i, size, points, quiet) for i in range(size, len(points), size)]
+    edges = [0] + sorted(set(starts)) + [len(points)]
+    return [points[a:b] for a, b in zip(edges, edges[1:]) if b > a]
+
+
+def _snapped(i: int, size: int, points: list[int], quiet: list[int] | None) -> int:
+    """Index ``i`` in ``points``, or that of the nearest quiet point a quarter chunk away
+    at most. The steps between two quiet points mostly share their pending writes, and
+    so their crash states: a boundary among them made both workers judge the same torn
+    states (moving boundaries by two steps took the 2-worker run from 0.59-0.65 s to
+    0.57 s at best)."""
+    if not quiet:
+        return i
+    reach = size // 4
+    near = [q for q in quiet if abs(q - points[i]) <= reach]
+    if not near:
+        return i
+    best = min(near, key=lambda q: (abs(q - points[i]), q))
+    j = bisect_left(points, best)
+    return j if 0 < j < len(points) and points[j] == best else i
+
+
+def quiet_points(trace: Trace) -> list[int]:
+    """Crash points right after a flush completes with no write in flight."""
+    in_flight, out = 0, []
+    for i, step in enumerate(trace.steps):
+        if step.kind == "write_submit":
+            in_flight += 1
+        elif step.kind == "write_complete":
+            in_flight -= 1
+        elif step.kind == "flush_complete" and in_flight == 0:
+            out.append(i + 1)
+    return out
 
 
 def explore_all(ctx: Context, workers: int = 1,
@@ -291,7 +326,8 @@ def explore_all(ctx: Context, workers: int = 1,
     """Every crash point's result, in step order; those in ``saved`` are not judged."""
     n_points = ctx.trace.n_steps + 1
     done = {r.step: r for r in saved or []}
-    parts = chunks(n_points, workers, [p for p in range(n_points) if p not in done])
+    parts = chunks(n_points, workers, [p for p in range(n_points) if p not in done],
+                   quiet_points(ctx.trace) if workers > 1 else None)
 
     def collect(chunk: list[StepResult]) -> None:
         for res in chunk:

@@ -40,3 +40,27 @@ def test_chunks_go_out_interleaved_so_each_worker_keeps_neighbouring_steps():
     order = _interleaved(parts, 2)
     assert order == [parts[0], parts[3], parts[1], parts[4], parts[2], parts[5]]
     assert sorted(p for part in order for p in part) == list(range(12))
+
+
+def test_chunk_boundaries_move_to_quiet_points_within_a_quarter_chunk():
+    from crashsim.explore import chunks
+    plain = chunks(120, 2)  # six chunks of twenty
+    assert [p[0] for p in plain] == [0, 20, 40, 60, 80, 100]
+    moved = chunks(120, 2, quiet=[18, 44, 70, 99])  # 70 is ten steps off: too far
+    assert [p[0] for p in moved] == [0, 18, 44, 60, 80, 99]
+    assert [x for p in moved for x in p] == list(range(120))
+    resumed = chunks(120, 2, todo=[x for x in range(120) if x % 3], quiet=[20, 41])
+    assert sorted(x for p in resumed for x in p) == [x for x in range(120) if x % 3]
+
+
+def test_quiet_points_follow_flushes_with_nothing_in_flight():
+    from crashsim.explore import quiet_points
+    from crashsim.image import SparseImage
+    from crashsim.trace import Trace
+    t = Trace(base=SparseImage(4096), atomic_write_bytes=512)
+    for kind, io in [("write_submit", 0), ("write_complete", 0), ("flush_submit", 1),
+                     ("flush_complete", 1), ("write_submit", 2), ("flush_submit", 3),
+                     ("flush_complete", 3), ("write_complete", 2), ("flush_submit", 4),
+                     ("flush_complete", 4)]:
+        t.add_step(kind, io)
+    assert quiet_points(t) == [4, 10]  # the flush at step 6 completed with io 2 in flight
