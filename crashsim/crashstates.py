@@ -340,7 +340,6 @@ class _Builder:
         self.layers = [trace.base.fork()]  # durable overlays over the base, bottom first
         self.shared = False
         self.last_sealed: SparseImage | None = None
-        self.sealed_twin: SparseImage | None = None  # last_sealed's content, compacted
         self.hash = image_hash(trace.base)
         self.submit: dict[int, int] = {}
         self.complete: dict[int, int] = {}
@@ -363,7 +362,7 @@ class _Builder:
         self.shared = True
         durable = self.layers[-1].seal()  # shared from now on, so never written again
         if self.last_sealed is not None and self.last_sealed is not durable:
-            durable.inherit_pages(self.last_sealed, self.sealed_twin)
+            durable.inherit_pages(self.last_sealed)
             self.last_sealed.drop_pages()  # keep one step's page cache, not every step's
         self.last_sealed = durable
         return StepStates(self.trace, p, durable, self.hash,
@@ -379,7 +378,6 @@ class _Builder:
     def _writable(self) -> SparseImage:
         if self.shared:
             self._compact()
-            self.sealed_twin = self.layers[-1]  # what was sealed, perhaps merged down
             self.layers.append(self.layers[-1].fork())
             self.shared = False
         return self.layers[-1]
@@ -389,11 +387,8 @@ class _Builder:
         # and each sector is copied O(log n) times. Old layers stay intact for old states.
         while len(self.layers) >= 2 and \
                 2 * len(self.layers[-1].sectors) >= len(self.layers[-2].sectors):
-            top, second = self.layers.pop(), self.layers.pop()
-            merged = SparseImage(parent=second.parent)
-            merged.sectors = {**second.sectors, **top.sectors}
-            merged.size_bytes = top.size_bytes
-            self.layers.append(merged)
+            top = self.layers.pop()
+            self.layers[-1] = top.merged_with_parent()
 
     # -- steps ------------------------------------------------------------------------
     def apply_step(self, i: int) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import weakref
 from typing import Iterator
 
 SECTOR_BYTES = 512
@@ -27,7 +28,8 @@ _ZERO_PAGE = bytes(SECTOR_BYTES * PAGE_SECTORS)
 class SparseImage:
     """A byte-addressed image made of 512-byte sectors; absent sectors read as zero."""
 
-    __slots__ = ("sectors", "parent", "size_bytes", "_pages", "_index")
+    __slots__ = ("sectors", "parent", "size_bytes", "_pages", "_index", "_twin",
+                 "__weakref__")
 
     def __init__(self, size_bytes: int = 0, parent: "SparseImage | None" = None):
         self.sectors: dict[int, bytes] = {}
@@ -35,6 +37,7 @@ class SparseImage:
         self.size_bytes = size_bytes if parent is None else max(size_bytes, parent.size_bytes)
         self._pages: dict[int, bytes] | None = None  # None: not sealed
         self._index: dict[int, list[int]] | None = None  # page -> its sectors held here
+        self._twin: weakref.ref | None = None  # a merged-away layer with this content
 
     # -- sealing --------------------------------------------------------------------
     def seal(self) -> "SparseImage":
@@ -47,23 +50,45 @@ class SparseImage:
     def sealed(self) -> bool:
         return self._pages is not None
 
-    def inherit_pages(self, older: "SparseImage",
-                      twin: "SparseImage | None" = None) -> None:
+    def inherit_pages(self, older: "SparseImage") -> None:
         """Start this sealed layer's cache with the pages of ``older``, an ancestor,
         that no layer in between changes: consecutive steps differ in a few pages, and
-        rebuilding all the others every step would cost more than judging. ``twin`` is
-        an ancestor with the same content as ``older`` (``older`` merged with the layers
-        below it), which serves as well."""
+        rebuilding all the others every step would cost more than judging."""
         if self._pages is None or older._pages is None or older is self:
             return
-        changed: set[int] = set()
+        changed = self.changes_since(older)
+        if changed is None:
+            return  # not an ancestor: start empty
+        self._pages = {p: page for p, page in older._pages.items()
+                       if p not in changed}
+
+    def changes_since(self, older: "SparseImage", max_layers: int = 64
+                      ) -> dict[int, list[int]] | None:
+        """The sectors, by page, of the layers between this one and ``older``, an
+        ancestor or the twin of one (``older`` merged into the layers below it); None
+        if ``older`` is neither within ``max_layers``."""
+        changed: dict[int, list[int]] = {}
         layer: SparseImage | None = self
-        while layer is not None and layer is not older and layer is not twin:
-            changed.update(layer._page_index())
+        for _ in range(max_layers):
+            if layer is None:
+                return None
+            if layer is older or (layer._twin is not None and layer._twin() is older):
+                return changed
+            for page, sectors in layer._page_index().items():
+                changed.setdefault(page, []).extend(sectors)
             layer = layer.parent
-        if layer is None:
-            return  # not an ancestor (layers were merged): start empty
-        self._pages = {p: page for p, page in older._pages.items() if p not in changed}
+        return None
+
+    def merged_with_parent(self) -> "SparseImage":
+        """One layer with this layer's content over its parent's parent: the twin of
+        this layer, so caches made for this one stay usable."""
+        parent = self.parent
+        merged = SparseImage(parent=parent.parent if parent is not None else None)
+        merged.sectors = {**(parent.sectors if parent is not None else {}), **self.sectors}
+        merged.size_bytes = self.size_bytes
+        twin = self._twin() if self._twin is not None else None
+        merged._twin = weakref.ref(twin if twin is not None else self)
+        return merged
 
     def drop_pages(self) -> None:
         """Free the read cache (it is rebuilt on demand; the layer stays sealed)."""

@@ -100,6 +100,7 @@ class Judge:
                                  getattr(writer, "reads_through_device", False))
         self._views = ReadSetMemo(enabled=self._memo.enabled)
         self.memo_hits = 0
+        self.recoveries = 0  # states recovered and checked in full (no cache, no memo)
         self._cache: dict[object, Examined] = {}
         self._recorded: dict[object, Examined] = {}
         self.cache_hits = 0
@@ -141,6 +142,7 @@ class Judge:
 
     def _examine(self, image: SparseImage, record: bool) -> Examined:
         reads = self._memo.reads_for(image) if not record else None
+        self.recoveries += 1
         ex = self._examine_on(image, record, reads)
         if reads is not None:
             self._memo.add(image, reads, ex)

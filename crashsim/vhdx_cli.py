@@ -24,7 +24,7 @@ from .writers.vhdx.format import (HEADER_BLOCK, HEADER_SLOTS, STATE_NAMES,
                                   unpack_bat_entry)
 from .writers.vhdx.log import HeaderSession
 from .writers.vhdx.replay import (FIXED_POLICY, QEMU_POLICY, OverlayDevice, ReplayPolicy,
-                                  ReplayResult, replay, scan_log)
+                                  ReplayResult, scan_log)
 
 EXIT_OK, EXIT_INPUT = 0, 2
 POLICIES = {"fixed": FIXED_POLICY, "spec": ReplayPolicy(), "qemu": QEMU_POLICY}

@@ -15,3 +15,6 @@ def test_bench_json_has_every_key(require_qemu):
     assert KEYS <= set(figures)
     assert figures["states_checked"] > 0
     assert figures["qemu_img_states_per_second"] is not None
+    for key in ("scaling_by_writes", "scaling_by_writes_at_budget_64"):
+        row = figures[key]["5"]
+        assert row["steps"] > 0 and 0 < row["recoveries"] <= row["states"]
