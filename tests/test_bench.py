@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 KEYS = {"states_per_second_per_core", "qemu_img_states_per_second", "speedup_vs_qemu_img",
-        "parallel_speedup", "peak_rss_mib"}
+        "parallel_speedup", "peak_rss_mib", "parallel_ceiling", "parallel_efficiency"}
 
 
 def test_bench_json_has_every_key(require_qemu):
@@ -15,6 +15,7 @@ def test_bench_json_has_every_key(require_qemu):
     assert KEYS <= set(figures)
     assert figures["states_checked"] > 0
     assert figures["qemu_img_states_per_second"] is not None
+    assert 0 < figures["parallel_ceiling"] <= 2.5  # two processes cannot do 2.5x the work
     for key in ("scaling_by_writes", "scaling_by_writes_at_budget_64"):
         row = figures[key]["5"]
         assert row["steps"] > 0 and 0 < row["recoveries"] <= row["states"]
