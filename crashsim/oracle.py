@@ -98,7 +98,7 @@ class Judge:
         self._checks = _KeyedCache(CHECKS_CACHE_ENTRIES)
         self._memo = ReadSetMemo(enabled=share_reads and
                                  getattr(writer, "reads_through_device", False))
-        self._views = ReadSetMemo(enabled=self._memo.enabled)
+        self._views = ReadSetMemo(enabled=self._memo.enabled, across_steps=True)
         self.memo_hits = 0
         self.recoveries = 0  # states recovered and checked in full (no cache, no memo)
         self._cache: dict[object, Examined] = {}

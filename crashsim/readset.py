@@ -5,14 +5,17 @@ the bytes it reads and of the device size: each read's place follows from the by
 read before it, and each write from the bytes read. So if state S' holds the same
 bytes as an already judged state S in every sector S's judging read, and has the same
 size, judging S' reads the same bytes, writes the same bytes and reaches the same
-result. The memo keeps, per step, the judged states with the sectors their judging
-read; a new state of that step reuses the result of the first whose read sectors it
-agrees with.
+result. The memo keeps the recently judged states with the sectors their judging read;
+a new state reuses the result of the first whose read sectors it agrees with.
 
 States of one step are thin layers over one sealed durable layer, so two of them can
 differ only in the sectors of their own layers: only those are compared, and only where
 the earlier judging read. A typical hit: a torn write into a block that no structure
-yet points to, which recovery, the view and the checks all leave unread.
+yet points to, which recovery, the view and the checks all leave unread. A memo made
+``across_steps`` also compares with states of the few steps before, whose durable layer
+is an ancestor: the sectors made durable in between are compared as well. The oracle's
+view memo does (a view reads little that a step makes durable); for whole verdicts it
+found no hits, only cost.
 
 A writer opts in with ``reads_through_device = True``: its recovery, view, checks and
 probe read the image only through the device they are given and are deterministic.
@@ -27,7 +30,8 @@ from dataclasses import dataclass
 from .blockdev import ImageDevice
 from .image import PAGE_SECTORS, SECTOR_BYTES, SparseImage
 
-RECENT_STATES = 32  # judged states kept per durable layer: nearly every hit is among them
+RECENT_STATES = 32  # judged states kept: nearly every hit is among them
+MAX_LAYERS_APART = 4  # an older step's durable layer further down is not compared with
 
 
 class ReadLogDevice(ImageDevice):
@@ -44,6 +48,7 @@ class ReadLogDevice(ImageDevice):
 
 @dataclass
 class _Judged:
+    durable: SparseImage  # the sealed layer the state was a thin layer over
     sectors: dict[int, bytes]  # the state's own layer over the durable layer
     own_pages: frozenset[int]  # pages those sectors lie in
     size_bytes: int
@@ -55,11 +60,11 @@ class _Judged:
 
 
 class ReadSetMemo:
-    """Judged states of the current durable layer, with the sectors judging read."""
+    """Recently judged states, with the sectors judging read."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, across_steps: bool = False):
         self.enabled = enabled
-        self._durable: SparseImage | None = None
+        self.across_steps = across_steps
         self._judged: list[_Judged] = []
 
     def _applies(self, image: SparseImage) -> bool:
@@ -75,15 +80,25 @@ class ReadSetMemo:
     def find_over(self, sectors: dict[int, bytes], size_bytes: int,
                   durable: SparseImage) -> "_Judged | None":
         """The judged entry that content ``sectors`` over ``durable`` agrees with."""
-        if durable is not self._durable:
-            return None
         own = _pages_of(sectors)
+        moved_since: dict[int, dict[int, list[int]] | None] = {}
         for judged in reversed(self._judged):
             if judged.size_bytes != size_bytes:
                 continue
-            if judged.pages.isdisjoint(own) and judged.pages.isdisjoint(judged.own_pages):
-                return judged  # neither state's own sectors were read at all
-            if _agrees(sectors, judged, durable):
+            if judged.durable is durable:
+                if judged.pages.isdisjoint(own) and \
+                        judged.pages.isdisjoint(judged.own_pages):
+                    return judged  # neither state's own sectors were read at all
+                if _agrees(sectors, judged, durable):
+                    return judged
+                continue
+            if not self.across_steps:
+                continue
+            key = id(judged.durable)
+            if key not in moved_since:
+                moved_since[key] = durable.changes_since(judged.durable, MAX_LAYERS_APART)
+            moved = moved_since[key]
+            if moved is not None and _agrees_across(sectors, judged, durable, moved):
                 return judged
         return None
 
@@ -96,14 +111,12 @@ class ReadSetMemo:
 
     def add_over(self, sectors: dict[int, bytes], size_bytes: int, durable: SparseImage,
                  reads: list[tuple[int, int]], result: object) -> None:
-        if durable is not self._durable:
-            self._durable, self._judged = durable, []
         if len(self._judged) >= RECENT_STATES:
             del self._judged[0]  # lookups compare the newest ones only
         starts, ends = _merged_sectors(reads)
         pages = frozenset(p for a, b in zip(starts, ends)
                           for p in range(a // PAGE_SECTORS, b // PAGE_SECTORS + 1))
-        self._judged.append(_Judged(sectors, _pages_of(sectors), size_bytes, pages,
+        self._judged.append(_Judged(durable, sectors, _pages_of(sectors), size_bytes, pages,
                                     starts, ends, result, list(reads)))
 
 
@@ -140,4 +153,27 @@ def _agrees(sectors: dict[int, bytes], judged: _Judged, durable: SparseImage) ->
                 other = durable.sector(x)
             if other != data:
                 return False
+    return True
+
+
+def _agrees_across(sectors: dict[int, bytes], judged: _Judged, durable: SparseImage,
+                   moved: dict[int, list[int]]) -> bool:
+    """``_agrees`` for a judged state of an earlier step, whose durable layer is
+    ``durable``'s ancestor: the sectors the layers in between hold (``moved``, by page)
+    may differ as well."""
+    pages, starts, ends = judged.pages, judged.starts, judged.ends
+    candidates = [x for x in sectors if x // PAGE_SECTORS in pages]
+    candidates += [x for x in judged.sectors if x // PAGE_SECTORS in pages]
+    for page, held in moved.items():
+        if page in pages:
+            candidates += held
+    old = judged.durable
+    for x in candidates:
+        i = bisect_right(starts, x) - 1
+        if i < 0 or x > ends[i]:
+            continue
+        mine, theirs = sectors.get(x), judged.sectors.get(x)
+        if (durable.sector(x) if mine is None else mine) != \
+                (old.sector(x) if theirs is None else theirs):
+            return False
     return True

@@ -87,3 +87,26 @@ def test_vhdx_key_covers_the_bat_but_not_payload():
     same = image.fork()
     same.write(block_at + 4096, b"\x77" * 512)
     assert ctx.writer.structure_key(ImageDevice(same)) == key
+
+
+def test_read_set_memo_across_steps_compares_what_became_durable_in_between():
+    """A state judged over an earlier step's durable layer is reused for a later step
+    only if the sectors made durable since agree where judging read."""
+    from crashsim.image import SparseImage
+    from crashsim.readset import ReadSetMemo
+    base = SparseImage(64 * 512).seal()
+    step1 = base.fork().seal()
+    memo = ReadSetMemo(enabled=True, across_steps=True)
+    memo.add_over({}, base.size_bytes, step1, [(0, 512)], "read sector 0")
+    unread = step1.fork()
+    unread.write(5 * 512, b"\x01" * 512)  # made durable, never read
+    assert memo.find_over({}, base.size_bytes, unread.seal()).result == "read sector 0"
+    read = step1.fork()
+    read.write(0, b"\x02" * 512)  # made durable where judging read
+    assert memo.find_over({}, base.size_bytes, read.seal()) is None
+    same = step1.fork()
+    same.write(0, bytes(512))  # rewritten with the bytes it held: still agrees
+    assert memo.find_over({}, base.size_bytes, same.seal()) is not None
+    within_step_only = ReadSetMemo(enabled=True)
+    within_step_only.add_over({}, base.size_bytes, step1, [(0, 512)], "x")
+    assert within_step_only.find_over({}, base.size_bytes, unread) is None
