@@ -17,11 +17,18 @@ import sys
 MIB = 1 << 20
 
 
+_STATM: tuple[int, int] | None = None  # (pid, fd): /proc/self names the opener
+
+
 def rss_bytes() -> int:
     """Resident set size of this process now (the peak where /proc is missing)."""
+    global _STATM
     try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        if _STATM is None or _STATM[0] != os.getpid():  # a forked worker opens its own
+            _STATM = (os.getpid(), os.open("/proc/self/statm", os.O_RDONLY))
+        # Kept open: the cap is checked at every crash point, and opening the file
+        # each time cost more than reading it.
+        return int(os.pread(_STATM[1], 128, 0).split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak if sys.platform == "darwin" else peak * 1024  # bytes vs KiB
