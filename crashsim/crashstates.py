@@ -584,6 +584,36 @@ def iter_steps(trace: Trace, first: int = 0) -> Iterator[StepStates]:
             yield b.snapshot(i + 1)
 
 
+class StepWalker:
+    """``iter_steps`` that keeps its place between walks: a worker handed chunks of crash
+    points in increasing order walks on from where the last chunk ended instead of from
+    step 0, and keeps the page caches of the durable layers it built."""
+
+    def __init__(self, trace: Trace):
+        self.trace = trace
+        self._b: _Builder | None = None
+        self._at = 0  # the crash point the builder stands at
+
+    def steps(self, first: int = 0) -> Iterator[StepStates]:
+        """The crash states of every step p = first .. n; stop when you like."""
+        if self._b is None or first < self._at:
+            self._b = _Builder(self.trace)
+            self._b.apply_side_events(0)
+            self._at = 0
+        while self._at < first:
+            self._advance()
+        yield self._b.snapshot(self._at)
+        while self._at < len(self.trace.steps):
+            self._advance()
+            yield self._b.snapshot(self._at)
+
+    def _advance(self) -> None:
+        assert self._b is not None
+        self._b.apply_step(self._at)
+        self._at += 1
+        self._b.apply_side_events(self._at)
+
+
 def step_at(trace: Trace, p: int) -> StepStates:
     if not 0 <= p <= trace.n_steps:
         raise ValueError(f"step p{p} is outside the trace (crash points are p0.."

@@ -7,6 +7,7 @@ to a serial run.
 """
 from __future__ import annotations
 
+from concurrent.futures import CancelledError
 from typing import Iterator
 
 from .scenario import Scenario
@@ -28,7 +29,8 @@ def map_chunks(scenario: Scenario, trace: Trace, parts: list[list[int]],
                scheduler: str | None, workers: int
                ) -> Iterator[tuple[list[int], list | None]]:
     """(chunk, its results) in chunk order; None for a chunk whose worker died (dask
-    gives up on a task after ``distributed.scheduler.allowed-failures`` deaths)."""
+    gives up on a task after ``distributed.scheduler.allowed-failures`` deaths) or that
+    dask cancelled when the data it needed died with a worker."""
     try:
         from dask.distributed import Client, LocalCluster
         from distributed.scheduler import KilledWorker
@@ -49,7 +51,7 @@ def map_chunks(scenario: Scenario, trace: Trace, parts: list[list[int]],
         for part, fut in zip(parts, futures):
             try:
                 yield part, fut.result()
-            except KilledWorker:
+            except (KilledWorker, CancelledError):  # cancelled: its data died with a worker
                 yield part, None
     finally:
         client.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -28,6 +28,7 @@ from .trace import Trace
 from .writers import load_writer_class
 
 MAX_FAILURES_PER_STEP = 8
+CHUNKS_PER_WORKER = 8  # measured against 3, 6 and 12 with the ChunkPlan below
 RECOVERY_SEP = "/r"
 
 
@@ -71,6 +72,12 @@ class Context:
     model: RangeModel
     trace: Trace
     judge: Judge
+    walker: crashstates.StepWalker | None = None  # this process's place in the trace
+
+    def steps_from(self, first: int) -> Iterator:
+        if self.walker is None:
+            self.walker = crashstates.StepWalker(self.trace)
+        return self.walker.steps(first)
 
 
 def make_writer(scenario: Scenario):
@@ -252,7 +259,7 @@ def iter_judged(ctx: Context, steps: Iterable[int]) -> Iterator[StepResult]:
     begin = getattr(ctx.judge, "begin_step", None)  # the guarded judge counts its calls
     wanted = set(steps)
     last = max(wanted, default=-1)
-    for st in crashstates.iter_steps(ctx.trace, min(wanted, default=0)):
+    for st in ctx.steps_from(min(wanted, default=0)):
         if st.p in wanted:
             if cap.exceeded():
                 yield capped_step(ctx, st)
@@ -273,15 +280,14 @@ def capped_step(ctx: Context, st) -> StepResult:
 
 def chunks(n_points: int, workers: int, todo: list[int] | None = None,
            quiet: list[int] | None = None) -> list[list[int]]:
-    """Contiguous chunks of crash points (of ``todo`` when given), three per worker.
-
-    Neighbouring steps share most of their states, and each process caches verdicts:
-    long runs of steps per worker keep those caches warm, while three chunks each
-    (measured against two, four, eight and sixteen) still even out the load. A chunk
-    boundary moves to the nearest ``quiet`` point within a quarter chunk, if any.
+    """Contiguous chunks of crash points (of ``todo`` when given), CHUNKS_PER_WORKER per
+    worker. A worker walks on from one chunk to the next (see ChunkPlan), so small
+    chunks cost little locality and let the load even out at the end: with three each,
+    one worker idled for up to a sixth of the run. A chunk boundary moves to the nearest
+    ``quiet`` point within a quarter chunk, if any.
     """
     points = list(range(n_points)) if todo is None else sorted(todo)
-    size = max(1, math.ceil(len(points) / (workers * 3)))
+    size = max(1, math.ceil(len(points) / (workers * CHUNKS_PER_WORKER)))
     starts = [_snapped(i, size, points, quiet) for i in range(size, len(points), size)]
     edges = [0] + sorted(set(starts)) + [len(points)]
     return [points[a:b] for a, b in zip(edges, edges[1:]) if b > a]
@@ -381,27 +387,41 @@ def _explore_dask(ctx: Context, parts: list[list[int]], workers: int,
 
 def _explore_pool(ctx: Context, parts: list[list[int]], workers: int,
                   collect: Callable[[list[StepResult]], None]) -> None:
-    """Chunks on a process pool, collected as they finish; chunks lost to a dead worker
-    are judged again afterwards, isolating the states that kill the process."""
+    """Chunks on a process pool, one at a time per worker, collected as they finish;
+    chunks lost to a dead worker are judged again afterwards, isolating the states
+    that kill the process."""
     global _FORKED_FROM
     _FORKED_FROM = ctx  # a forked worker inherits it; a spawned one builds its own
     pool = ProcessPoolExecutor(workers, initializer=_init_worker,
                                initargs=(ctx.scenario, ctx.trace))
+    plan = ChunkPlan(len(parts), workers)
     lost: list[list[int]] = []
+    futures: dict = {}
+
+    def submit(index: int | None) -> None:
+        if index is None:
+            return
+        try:
+            futures[pool.submit(_run_chunk, parts[index])] = index
+        except BrokenProcessPool:  # a worker died: this chunk and all not yet given out
+            lost.append(parts[index])
+            lost.extend(parts[i] for i in plan.drain())
+
     try:
-        futures = {}
-        for part in _interleaved(parts, workers):
-            try:
-                futures[pool.submit(_run_chunk, part)] = part
-            except BrokenProcessPool:  # a worker died (at start-up) while we submitted
-                lost.append(part)
-        for fut in as_completed(futures):
-            try:
-                chunk = fut.result()
-            except BrokenProcessPool:
-                lost.append(futures[fut])
-                continue
-            collect(chunk)
+        for index in plan.first_chunks():
+            submit(index)
+        while futures:
+            finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                index = futures.pop(fut)
+                try:
+                    chunk = fut.result()
+                except BrokenProcessPool:
+                    lost.append(parts[index])
+                    continue
+                submit(plan.after(index))  # the worker that is free now takes it
+                collect(chunk)
+        lost.extend(parts[i] for i in plan.drain())
         pool.shutdown()
     except BaseException:
         stop_pool(pool)
@@ -409,16 +429,46 @@ def _explore_pool(ctx: Context, parts: list[list[int]], workers: int,
     finally:
         _FORKED_FROM = None
     if lost:
-        rejudge_lost(ctx, lost, collect)
+        rejudge_lost(ctx, sorted(lost), collect)
 
 
-def _interleaved(parts: list[list[int]], workers: int) -> list[list[int]]:
-    """Chunks in submission order: the first of each worker's contiguous share, then
-    the second of each, and so on. The pool hands chunks out in that order, so each
-    worker mostly judges neighbouring steps, whose states its caches already hold."""
-    share = -(-len(parts) // workers)
-    groups = [parts[i:i + share] for i in range(0, len(parts), share)]
-    return [g[j] for j in range(share) for g in groups if j < len(g)]
+class ChunkPlan:
+    """Which chunk a worker takes next. Each worker starts on its own contiguous range
+    of chunks and, on finishing one, takes the one after it, so it walks on through
+    the trace with warm caches instead of starting again from step 0. A worker whose
+    range is done takes the upper half of the largest range left, whose owner keeps
+    the lower half: the load evens out, and each jump costs one fresh walk."""
+
+    def __init__(self, n_chunks: int, workers: int):
+        size = max(1, -(-n_chunks // max(1, workers)))
+        self._starts = list(range(0, n_chunks, size))
+        # chunk being judged -> [first chunk after it not given out, end of its range)
+        self._ranges = {s: [s + 1, min(s + size, n_chunks)] for s in self._starts}
+
+    def first_chunks(self) -> list[int]:
+        return list(self._starts)
+
+    def after(self, done: int) -> int | None:
+        lo, hi = self._ranges.pop(done)
+        if lo < hi:
+            self._ranges[lo] = [lo + 1, hi]
+            return lo
+        left = {k: r for k, r in self._ranges.items() if r[0] < r[1]}
+        if not left:
+            return None
+        victim = max(left, key=lambda k: (left[k][1] - left[k][0], -k))
+        vlo, vhi = left[victim]
+        mid = vlo + (vhi - vlo) // 2
+        self._ranges[victim][1] = mid
+        self._ranges[mid] = [mid + 1, vhi]
+        return mid
+
+    def drain(self) -> list[int]:
+        """Every chunk not given out yet (they will not be)."""
+        out = [i for lo, hi in self._ranges.values() for i in range(lo, hi)]
+        for r in self._ranges.values():
+            r[0] = r[1]
+        return sorted(out)
 
 
 def shrink_failure(ctx: Context, failure: Failure):

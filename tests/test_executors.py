@@ -34,16 +34,42 @@ def test_serial_process_and_dask_results_are_identical(tmp_path):
     assert '"mixed": 0' not in serial
 
 
-def test_chunks_go_out_interleaved_so_each_worker_keeps_neighbouring_steps():
-    from crashsim.explore import _interleaved, chunks
-    parts = chunks(12, 2)  # six chunks of two: the shares are chunks 0-2 and 3-5
-    order = _interleaved(parts, 2)
-    assert order == [parts[0], parts[3], parts[1], parts[4], parts[2], parts[5]]
-    assert sorted(p for part in order for p in part) == list(range(12))
+def test_each_worker_walks_on_through_its_range_then_takes_half_of_the_largest_left():
+    from crashsim.explore import ChunkPlan
+    plan = ChunkPlan(12, 2)  # ranges 0-5 and 6-11
+    assert plan.first_chunks() == [0, 6]
+    assert [plan.after(0), plan.after(1), plan.after(2)] == [1, 2, 3]
+    assert plan.after(6) == 7
+    assert [plan.after(3), plan.after(4)] == [4, 5]
+    assert plan.after(5) == 10  # range 0-5 is done: the upper half of 8-11, left by 7
+    assert plan.after(7) == 8  # the owner keeps the lower half
+    assert [plan.after(10), plan.after(8)] == [11, 9]
+    assert plan.after(11) is None and plan.after(9) is None
+    assert plan.drain() == []
 
 
-def test_chunk_boundaries_move_to_quiet_points_within_a_quarter_chunk():
+def test_a_plan_gives_out_every_chunk_once_whatever_the_finishing_order():
+    import random
+    from crashsim.explore import ChunkPlan
+    for seed in range(50):
+        rng = random.Random(seed)
+        n, workers = rng.randint(1, 40), rng.randint(1, 4)
+        plan = ChunkPlan(n, workers)
+        running, given = plan.first_chunks(), []
+        given += running
+        while running:
+            done = running.pop(rng.randrange(len(running)))
+            nxt = plan.after(done)
+            if nxt is not None:
+                running.append(nxt)
+                given.append(nxt)
+        assert sorted(given) == list(range(n)), seed
+
+
+def test_chunk_boundaries_move_to_quiet_points_within_a_quarter_chunk(monkeypatch):
+    from crashsim import explore
     from crashsim.explore import chunks
+    monkeypatch.setattr(explore, "CHUNKS_PER_WORKER", 3)
     plain = chunks(120, 2)  # six chunks of twenty
     assert [p[0] for p in plain] == [0, 20, 40, 60, 80, 100]
     moved = chunks(120, 2, quiet=[18, 44, 70, 99])  # 70 is ten steps off: too far

@@ -356,7 +356,7 @@ def test_chunks_of_the_remaining_points_stay_sorted_and_cover_them():
     todo = [3, 4, 5, 9, 10, 40, 41, 42, 43]
     parts = chunks(50, 2, todo)
     assert [p for part in parts for p in part] == todo
-    assert chunks(10, 1) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert chunks(40, 1) == [list(range(i, i + 5)) for i in range(0, 40, 5)]  # 8 each
 
 
 # -- a worker process that dies --------------------------------------------------------
