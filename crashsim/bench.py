@@ -72,8 +72,9 @@ SCALING_BUDGET = 8  # fewer than every torn step of the workload has, early or l
 def _scaling_by_writes(counts: list[int], budget: int) -> dict[str, dict[str, float]]:
     """Cost against trace length at a fixed per-step budget: linear growth shows as a
     flat ``ms_per_step``. At SCALING_BUDGET every step judges as many states whatever
-    the trace length; at a larger budget later steps of a long trace judge more, as
-    their torn log entries overwrite older ones and so differ in more sectors."""
+    the trace length; at a larger budget later steps of a long trace judge more: the
+    logged copy of a BAT sector fills up as blocks are allocated, so a torn write of it
+    differs from the zeroed log in more of its 512-byte pieces."""
     out = {}
     for n in counts:
         ctx = build_context(bench_scenario(n, budget))
