@@ -25,9 +25,10 @@ from pathlib import Path
 import pytest
 
 from crashsim.cli import main
-from crashsim.dmlog import flush_entry, mark_entry, write_entry, write_log
 from crashsim.scenario import (MAX_SCENARIO_BYTES, MAX_YAML_NODES, check_writer,
                                load_scenario)
+
+from dmlog_logs import LINUX_OPS, linux_log
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -456,22 +457,6 @@ def load_scenario_text(sb: Sandbox, text: str):
         return load_scenario(path)
     finally:
         path.unlink()
-
-
-LINUX_OPS = [(0, 0xA1), (4096, 0xB2), (8192, 0xC3), (12288, 0xD4)]
-
-
-def linux_log(path: Path) -> Path:
-    """A dm-log-writes log over a 64 KiB raw device: a plain write, a FUA one, a mark, a
-    plain one, a flush, a plain one (as in test_trace_scenarios)."""
-    (a, pa), (b, pb), (c, pc), (d, pd) = LINUX_OPS
-    write_log(path, [write_entry(a // 512, bytes([pa]) * 512),
-                     write_entry(b // 512, bytes([pb]) * 512, fua=True),
-                     mark_entry("after-fua"),
-                     write_entry(c // 512, bytes([pc]) * 512),
-                     flush_entry(),
-                     write_entry(d // 512, bytes([pd]) * 512)])
-    return path
 
 
 def trace_yaml(name: str, recovery: str, extra: str = "",

@@ -11,29 +11,14 @@ from pathlib import Path
 import pytest
 
 from crashsim import crashstates
-from crashsim.dmlog import flush_entry, mark_entry, write_entry, write_log
 from crashsim.explore import build_context
 from crashsim.oracle import Judge, classify
 from crashsim.runner import run_one
 from crashsim.scenario import ScenarioError, check_writer, load_scenario
 
+from dmlog_logs import LINUX_OPS, linux_log
+
 REPO = Path(__file__).resolve().parents[1]
-
-# A Linux dm-log-writes log over a 64 KiB raw device: op0 plain, op1 FUA, a MARK, op2
-# plain, a FLUSH, op3 plain. Crash points (after p steps): 4 = op1 (FUA) complete,
-# 8 = the flush complete, 10 = the end.
-LINUX_OPS = [(0, 0xA1), (4096, 0xB2), (8192, 0xC3), (12288, 0xD4)]
-
-
-def _linux_log(path: Path) -> Path:
-    (a, pa), (b, pb), (c, pc), (d, pd) = LINUX_OPS
-    write_log(path, [write_entry(a // 512, bytes([pa]) * 512),
-                     write_entry(b // 512, bytes([pb]) * 512, fua=True),
-                     mark_entry("after-fua"),
-                     write_entry(c // 512, bytes([pc]) * 512),
-                     flush_entry(),
-                     write_entry(d // 512, bytes([pd]) * 512)])
-    return path
 
 
 def _model_yaml(ops) -> str:
@@ -46,7 +31,7 @@ def _model_yaml(ops) -> str:
 
 def _linux_scenario(tmp_path: Path, name: str, extra: str, expect: str,
                     recovery: str = '{command: ["true"]}', ops=LINUX_OPS) -> Path:
-    _linux_log(tmp_path / "linux.log")
+    linux_log(tmp_path / "linux.log")
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"name: {name}\n"
                     f"trace: {{log: linux.log, format: dm-log-writes, image_format: raw, "
