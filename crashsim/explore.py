@@ -19,6 +19,7 @@ from . import crashstates
 from .blockdev import ImageDevice, run_sync
 from .device import DeviceConfig, simulate
 from .interrupt import quiet_worker_signals
+from .lanes import Lanes
 from .memory import MemoryCap
 from .model import RangeModel
 from .oracle import Judge, Verdict
@@ -28,7 +29,8 @@ from .trace import Trace
 from .writers import load_writer_class
 
 MAX_FAILURES_PER_STEP = 8
-CHUNKS_PER_WORKER = 8  # measured against 3, 6 and 12 with the ChunkPlan below
+CHUNKS_PER_WORKER = 8  # chunks handed on: to Dask workers, or as serial checkpoints
+SLICES_PER_WORKER = 8  # results a pool worker sends back, as they are judged
 RECOVERY_SEP = "/r"
 
 
@@ -231,11 +233,14 @@ class ExploreInterrupted(KeyboardInterrupt):
 
 
 _FORKED_FROM: Context | None = None  # the parent's context while its pool starts
+_LANES: Lanes | None = None  # a pool worker's share of the crash points
+_LANE: int | None = None
 
 
-def _init_worker(scenario: Scenario, trace: Trace) -> None:
-    global _WORKER
+def _init_worker(scenario: Scenario, trace: Trace, lanes: Lanes | None = None) -> None:
+    global _WORKER, _LANES, _LANE
     quiet_worker_signals()
+    _LANES, _LANE = lanes, None
     parent = _FORKED_FROM
     if parent is not None and parent.scenario is scenario and parent.trace is trace:
         _WORKER = parent  # forked: the parent's writer, model and judge are already here
@@ -243,9 +248,29 @@ def _init_worker(scenario: Scenario, trace: Trace) -> None:
         _WORKER = build_context(scenario, trace)
 
 
-def _run_chunk(steps: list[int]) -> list[StepResult]:
-    assert _WORKER is not None
-    return judge_steps(_WORKER, steps)
+def _run_slice(max_points: int) -> list[StepResult]:
+    """Up to ``max_points`` crash points of this worker's lane (or stolen ones)."""
+    global _LANE
+    assert _WORKER is not None and _LANES is not None
+    if _LANE is None:
+        _LANE = _LANES.join()
+    lanes, lane = _LANES, _LANE
+    return judge_claimed(_WORKER, lambda: lanes.claim(lane), max_points)
+
+
+def judge_claimed(ctx: Context, claim: Callable[[], int | None],
+                  max_points: int) -> list[StepResult]:
+    """Judge the crash points ``claim`` gives, in the order given, under the memory
+    cap, until it gives None or ``max_points`` are done."""
+    cap = MemoryCap(ctx.scenario.explore.max_memory_mib, ctx.judge)
+    out: list[StepResult] = []
+    while len(out) < max_points:
+        p = claim()
+        if p is None:
+            break
+        st = next(ctx.steps_from(p))
+        out.append(capped_step(ctx, st) if cap.exceeded() else _explore_step(ctx, st))
+    return out
 
 
 def judge_steps(ctx: Context, steps: Iterable[int]) -> list[StepResult]:
@@ -281,10 +306,10 @@ def capped_step(ctx: Context, st) -> StepResult:
 def chunks(n_points: int, workers: int, todo: list[int] | None = None,
            quiet: list[int] | None = None) -> list[list[int]]:
     """Contiguous chunks of crash points (of ``todo`` when given), CHUNKS_PER_WORKER per
-    worker. A worker walks on from one chunk to the next (see ChunkPlan), so small
-    chunks cost little locality and let the load even out at the end: with three each,
-    one worker idled for up to a sixth of the run. A chunk boundary moves to the nearest
-    ``quiet`` point within a quarter chunk, if any.
+    worker: Dask tasks, or the results a serial run saves as it goes. A worker walks on
+    from one chunk to the next when they come in order, so small chunks cost little
+    locality and let the load even out at the end. A chunk boundary moves to the
+    nearest ``quiet`` point within a quarter chunk, if any.
     """
     points = list(range(n_points)) if todo is None else sorted(todo)
     size = max(1, math.ceil(len(points) / (workers * CHUNKS_PER_WORKER)))
@@ -332,8 +357,7 @@ def explore_all(ctx: Context, workers: int = 1,
     """Every crash point's result, in step order; those in ``saved`` are not judged."""
     n_points = ctx.trace.n_steps + 1
     done = {r.step: r for r in saved or []}
-    parts = chunks(n_points, workers, [p for p in range(n_points) if p not in done],
-                   quiet_points(ctx.trace) if workers > 1 else None)
+    todo = [p for p in range(n_points) if p not in done]
 
     def collect(chunk: list[StepResult]) -> None:
         for res in chunk:
@@ -344,14 +368,15 @@ def explore_all(ctx: Context, workers: int = 1,
             progress(len(done), n_points)
 
     try:
-        if not parts:
+        if not todo:
             pass
         elif executor == "dask":
+            parts = chunks(n_points, workers, todo, quiet_points(ctx.trace))
             _explore_dask(ctx, parts, workers, scheduler, collect)
         elif workers <= 1:
-            _explore_serial(ctx, parts, collect)
+            _explore_serial(ctx, chunks(n_points, 1, todo), collect)
         else:
-            _explore_pool(ctx, parts, workers, collect)
+            _explore_pool(ctx, todo, workers, collect)
     except KeyboardInterrupt:
         raise ExploreInterrupted([done[p] for p in sorted(done)]) from None
     return [done[p] for p in sorted(done)]
@@ -385,90 +410,47 @@ def _explore_dask(ctx: Context, parts: list[list[int]], workers: int,
         rejudge_lost(ctx, lost, collect)
 
 
-def _explore_pool(ctx: Context, parts: list[list[int]], workers: int,
+def _explore_pool(ctx: Context, todo: list[int], workers: int,
                   collect: Callable[[list[StepResult]], None]) -> None:
-    """Chunks on a process pool, one at a time per worker, collected as they finish;
-    chunks lost to a dead worker are judged again afterwards, isolating the states
-    that kill the process."""
+    """Crash points on a process pool whose workers share them out by lanes; each task
+    judges a slice of SLICES_PER_WORKER per worker and more tasks wait in the queue, so
+    a worker never waits for the parent. Points lost to a dead worker are judged again
+    afterwards, isolating the states that kill the process."""
     global _FORKED_FROM
     _FORKED_FROM = ctx  # a forked worker inherits it; a spawned one builds its own
+    lanes = Lanes.shared(todo, workers, quiet_points(ctx.trace))
+    per_slice = max(1, math.ceil(len(todo) / (workers * SLICES_PER_WORKER)))
     pool = ProcessPoolExecutor(workers, initializer=_init_worker,
-                               initargs=(ctx.scenario, ctx.trace))
-    plan = ChunkPlan(len(parts), workers)
-    lost: list[list[int]] = []
-    futures: dict = {}
-
-    def submit(index: int | None) -> None:
-        if index is None:
-            return
-        try:
-            futures[pool.submit(_run_chunk, parts[index])] = index
-        except BrokenProcessPool:  # a worker died: this chunk and all not yet given out
-            lost.append(parts[index])
-            lost.extend(parts[i] for i in plan.drain())
-
+                               initargs=(ctx.scenario, ctx.trace, lanes))
+    judged: set[int] = set()
     try:
-        for index in plan.first_chunks():
-            submit(index)
-        while futures:
-            finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+        pending = {pool.submit(_run_slice, per_slice) for _ in range(2 * workers)}
+        broken = False
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
-                index = futures.pop(fut)
                 try:
                     chunk = fut.result()
                 except BrokenProcessPool:
-                    lost.append(parts[index])
+                    broken = True
                     continue
-                submit(plan.after(index))  # the worker that is free now takes it
+                if len(chunk) == per_slice and not broken:  # a short slice: none left
+                    try:
+                        pending.add(pool.submit(_run_slice, per_slice))
+                    except BrokenProcessPool:
+                        broken = True
+                judged.update(res.step for res in chunk)
                 collect(chunk)
-        lost.extend(parts[i] for i in plan.drain())
         pool.shutdown()
     except BaseException:
         stop_pool(pool)
         raise
     finally:
         _FORKED_FROM = None
+    lost = [p for p in todo if p not in judged]
     if lost:
-        rejudge_lost(ctx, sorted(lost), collect)
-
-
-class ChunkPlan:
-    """Which chunk a worker takes next. Each worker starts on its own contiguous range
-    of chunks and, on finishing one, takes the one after it, so it walks on through
-    the trace with warm caches instead of starting again from step 0. A worker whose
-    range is done takes the upper half of the largest range left, whose owner keeps
-    the lower half: the load evens out, and each jump costs one fresh walk."""
-
-    def __init__(self, n_chunks: int, workers: int):
-        size = max(1, -(-n_chunks // max(1, workers)))
-        self._starts = list(range(0, n_chunks, size))
-        # chunk being judged -> [first chunk after it not given out, end of its range)
-        self._ranges = {s: [s + 1, min(s + size, n_chunks)] for s in self._starts}
-
-    def first_chunks(self) -> list[int]:
-        return list(self._starts)
-
-    def after(self, done: int) -> int | None:
-        lo, hi = self._ranges.pop(done)
-        if lo < hi:
-            self._ranges[lo] = [lo + 1, hi]
-            return lo
-        left = {k: r for k, r in self._ranges.items() if r[0] < r[1]}
-        if not left:
-            return None
-        victim = max(left, key=lambda k: (left[k][1] - left[k][0], -k))
-        vlo, vhi = left[victim]
-        mid = vlo + (vhi - vlo) // 2
-        self._ranges[victim][1] = mid
-        self._ranges[mid] = [mid + 1, vhi]
-        return mid
-
-    def drain(self) -> list[int]:
-        """Every chunk not given out yet (they will not be)."""
-        out = [i for lo, hi in self._ranges.values() for i in range(lo, hi)]
-        for r in self._ranges.values():
-            r[0] = r[1]
-        return sorted(out)
+        rejudge_lost(ctx, [lost[i:i + per_slice] for i in range(0, len(lost), per_slice)],
+                     collect)
 
 
 def shrink_failure(ctx: Context, failure: Failure):

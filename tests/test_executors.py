@@ -34,36 +34,81 @@ def test_serial_process_and_dask_results_are_identical(tmp_path):
     assert '"mixed": 0' not in serial
 
 
-def test_each_worker_walks_on_through_its_range_then_takes_half_of_the_largest_left():
-    from crashsim.explore import ChunkPlan
-    plan = ChunkPlan(12, 2)  # ranges 0-5 and 6-11
-    assert plan.first_chunks() == [0, 6]
-    assert [plan.after(0), plan.after(1), plan.after(2)] == [1, 2, 3]
-    assert plan.after(6) == 7
-    assert [plan.after(3), plan.after(4)] == [4, 5]
-    assert plan.after(5) == 10  # range 0-5 is done: the upper half of 8-11, left by 7
-    assert plan.after(7) == 8  # the owner keeps the lower half
-    assert [plan.after(10), plan.after(8)] == [11, 9]
-    assert plan.after(11) is None and plan.after(9) is None
-    assert plan.drain() == []
+def test_each_worker_walks_its_lane_then_takes_the_upper_half_of_the_largest_left():
+    from crashsim.lanes import Lanes
+    lanes = Lanes(list(range(100, 112)), 2)  # lanes 100-105 and 106-111
+    assert [lanes.claim(0), lanes.claim(0), lanes.claim(0)] == [100, 101, 102]
+    assert lanes.claim(1) == 106
+    assert [lanes.claim(0), lanes.claim(0), lanes.claim(0)] == [103, 104, 105]
+    assert lanes.claim(0) == 109  # lane 0 is done: the upper half of 107-111
+    assert lanes.claim(1) == 107  # the owner keeps the lower half
+    assert [lanes.claim(0), lanes.claim(1)] == [110, 108]
+    assert lanes.claim(0) == 111
+    assert lanes.left() == 0
+    assert lanes.claim(1) is None and lanes.claim(0) is None
 
 
-def test_a_plan_gives_out_every_chunk_once_whatever_the_finishing_order():
+def test_a_thief_takes_the_last_point_of_a_busy_lane():
+    from crashsim.lanes import Lanes
+    lanes = Lanes([0, 1, 2, 3], 2)
+    assert [lanes.claim(1), lanes.claim(1)] == [2, 3]
+    assert lanes.claim(0) == 0
+    assert lanes.claim(1) == 1  # lane 0 is judging 0; its last point goes to lane 1
+    assert lanes.claim(0) is None
+
+
+def test_lanes_give_out_every_point_once_whatever_the_order_of_claims():
     import random
-    from crashsim.explore import ChunkPlan
-    for seed in range(50):
+    from crashsim.lanes import Lanes
+    for seed in range(60):
         rng = random.Random(seed)
-        n, workers = rng.randint(1, 40), rng.randint(1, 4)
-        plan = ChunkPlan(n, workers)
-        running, given = plan.first_chunks(), []
-        given += running
-        while running:
-            done = running.pop(rng.randrange(len(running)))
-            nxt = plan.after(done)
-            if nxt is not None:
-                running.append(nxt)
-                given.append(nxt)
-        assert sorted(given) == list(range(n)), seed
+        points = sorted(rng.sample(range(500), rng.randint(0, 60)))
+        workers = rng.randint(1, 4)
+        quiet = rng.sample(range(500), rng.randint(0, 30))
+        lanes = Lanes(points, workers, quiet)
+        claimed, active = [], list(range(workers))
+        while active:
+            lane = rng.choice(active)
+            p = lanes.claim(lane)
+            if p is None:
+                active.remove(lane)
+            else:
+                claimed.append(p)
+        assert sorted(claimed) == points, seed
+
+
+def test_lane_splits_move_to_quiet_points_within_an_eighth_of_the_range():
+    from crashsim.lanes import Lanes
+    lanes = Lanes(list(range(160)), 2, quiet=[74, 90])  # 80 is the even split
+    assert lanes.claim(1) == 74  # 74 is 6 points off, within 160 / 16 = 10
+    far = Lanes(list(range(160)), 2, quiet=[60])
+    assert far.claim(1) == 80
+    stolen = Lanes(list(range(64)), 2, quiet=[13, 40])
+    assert [stolen.claim(1) for _ in range(32)] == list(range(32, 64))
+    assert stolen.claim(1) == 13  # the upper half of 0-31 would start at 16; 13 is near
+
+
+def test_workers_on_a_pool_share_lanes_in_shared_memory():
+    import multiprocessing
+    from crashsim.lanes import Lanes
+    mp = multiprocessing.get_context("fork")
+    lanes = Lanes.shared(list(range(300)), 2, mp=mp)
+    out = mp.Queue()
+    procs = [mp.Process(target=_claim_all, args=(lanes, out)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    got = [out.get(timeout=60) for _ in procs]
+    for proc in procs:
+        proc.join(60)
+    # Not shared, each process would claim all 300 points.
+    assert sorted(got[0] + got[1]) == list(range(300))
+
+
+def _claim_all(lanes, out) -> None:
+    lane, claimed = lanes.join(), []
+    while (p := lanes.claim(lane)) is not None:
+        claimed.append(p)
+    out.put(claimed)
 
 
 def test_chunk_boundaries_move_to_quiet_points_within_a_quarter_chunk(monkeypatch):
