@@ -79,6 +79,59 @@ class SparseImage:
             layer = layer.parent
         return None
 
+    def changes_between(self, other: "SparseImage", max_layers: int = 8
+                        ) -> dict[int, list[int]] | None:
+        """The sectors, by page, where this image and ``other`` may differ: those of
+        the layers above the nearest layer they share (or share a twin of), on either
+        side; None if there is none within ``max_layers`` of each."""
+        depth: dict[int, int] = {}
+        theirs: list[SparseImage] = []
+        keep: list[SparseImage] = []  # twins stay alive while their ids are keys
+        layer: SparseImage | None = other
+        while layer is not None and len(theirs) < max_layers:
+            depth.setdefault(id(layer), len(theirs))
+            twin = layer._twin() if layer._twin is not None else None
+            if twin is not None:
+                keep.append(twin)
+                depth.setdefault(id(twin), len(theirs))
+            theirs.append(layer)
+            layer = layer.parent
+        mine: list[SparseImage] = []
+        layer = self
+        while layer is not None and len(mine) < max_layers:
+            d = depth.get(id(layer))
+            twin = layer._twin() if layer._twin is not None else None
+            if d is None and twin is not None:
+                d = depth.get(id(twin))
+            if d is not None:
+                changed: dict[int, list[int]] = {}
+                for above in mine + theirs[:d]:
+                    for page, sectors in above._page_index().items():
+                        changed.setdefault(page, []).extend(sectors)
+                return changed
+            mine.append(layer)
+            layer = layer.parent
+        return None
+
+    def frozen(self, max_sectors: int = 4096) -> "SparseImage | None":
+        """This image's content as one new layer over its first sealed ancestor, which
+        later writes to this image do not change; None when its unsealed layers hold
+        more than ``max_sectors`` or no ancestor is sealed."""
+        layers: list[SparseImage] = []
+        layer: SparseImage | None = self
+        while layer is not None and layer._pages is None:
+            layers.append(layer)
+            layer = layer.parent
+        if layer is None or sum(len(x.sectors) for x in layers) > max_sectors:
+            return None
+        if not layers:
+            return self
+        top = SparseImage(parent=layer)
+        for x in reversed(layers):
+            top.sectors.update(x.sectors)
+        top.size_bytes = self.size_bytes
+        return top
+
     def merged_with_parent(self) -> "SparseImage":
         """One layer with this layer's content over its parent's parent: the twin of
         this layer, so caches made for this one stay usable."""

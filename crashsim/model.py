@@ -6,7 +6,9 @@ transactions the model holds the first k operations applied to a zeroed space.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import operator
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -87,6 +89,7 @@ class RangeModel:
             self._record(buf)
         self._index = self._range_index()
         self._seen: list[dict[int, tuple[bytes, int]]] = [{} for _ in self.ranges]
+        self._prev_parts: tuple[list[bytes], list[int]] | None = None
 
     def _range_index(self) -> list[dict[bytes, int]] | None:
         """Per range, each content it holds after some k, with the set of those k as a
@@ -150,23 +153,39 @@ class RangeModel:
         return found
 
     def _matching_parts(self, parts: list[bytes]) -> list[int]:
-        """Intersect, range by range, the k that hold each part. A part seen before as
+        """Intersect, range by range, the k that hold each part. Views of successive
+        states share most parts as the very same objects (reused or cached pages), so
+        only the parts that are not the previous view's are looked up again."""
+        prev = self._prev_parts
+        if prev is not None and len(prev[0]) == len(parts):
+            old, masks = prev
+            masks = list(masks)
+            for i in [i for i, (a, b) in enumerate(zip(parts, old)) if a is not b]:
+                masks[i] = self._mask_of(i, parts[i])
+        else:
+            masks = [self._mask_of(i, part) for i, part in enumerate(parts)]
+        self._prev_parts = (list(parts), masks)
+        mask = functools.reduce(operator.and_, masks, (1 << (len(self.ops) + 1)) - 1)
+        found = []
+        while mask:  # the set bits only: a view matches one k or a few
+            low = mask & -mask
+            found.append(low.bit_length() - 1)
+            mask ^= low
+        return found
+
+    def _mask_of(self, i: int, part: bytes) -> int:
+        """The k whose range ``i`` holds ``part``, as a bit mask. A part seen before as
         the very same object (a cached page) is found by identity, without comparing
         its bytes; any other is looked up by content, which compares them exactly."""
-        mask = (1 << (len(self.ops) + 1)) - 1
-        for part, table, seen in zip(parts, self._index, self._seen):
-            hit = seen.get(id(part))
-            if hit is not None and hit[0] is part:
-                m = hit[1]
-            else:
-                m = table.get(part, 0)
-                if len(seen) >= 16:
-                    seen.clear()
-                seen[id(part)] = (part, m)  # the reference keeps the id from reuse
-            mask &= m
-            if not mask:
-                return []
-        return [k for k in range(len(self.ops) + 1) if mask >> k & 1]
+        seen = self._seen[i]
+        hit = seen.get(id(part))
+        if hit is not None and hit[0] is part:
+            return hit[1]
+        m = self._index[i].get(part, 0)
+        if len(seen) >= 16:
+            seen.clear()
+        seen[id(part)] = (part, m)  # the reference keeps the id from reuse
+        return m
 
     def _matching(self, view: bytes) -> list[int]:
         crc = crc32c.crc32c(view)

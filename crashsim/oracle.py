@@ -98,7 +98,9 @@ class Judge:
         self._checks = _KeyedCache(CHECKS_CACHE_ENTRIES)
         self._memo = ReadSetMemo(enabled=share_reads and
                                  getattr(writer, "reads_through_device", False))
-        self._views = ReadSetMemo(enabled=self._memo.enabled, across_steps=True)
+        self._views = ReadSetMemo(enabled=self._memo.enabled and
+                                  not getattr(writer, "views_incrementally", False),
+                                  across_steps=True)
         self.memo_hits = 0
         self.recoveries = 0  # states recovered and checked in full (no cache, no memo)
         self._cache: dict[object, Examined] = {}
@@ -185,7 +187,7 @@ class Judge:
         """The writer's view of the recovered ``work``, or the view of an earlier
         recovered state of this step that agrees with it wherever a view read. Most
         states that recovery sees differently (a torn log entry) read the same data."""
-        if reads is None:
+        if reads is None or not self._views.enabled:
             return self.writer.view(dev, self.model.ranges)
         overlay = {**image.sectors, **work.sectors}
         seen = self._views.find_over(overlay, work.size_bytes, image.parent)

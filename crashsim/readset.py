@@ -45,6 +45,11 @@ class ReadLogDevice(ImageDevice):
         self.reads.append((offset, length))
         return self.image.read(offset, length)
 
+    def note_reads(self, spans: list[tuple[int, int]]) -> None:
+        """Note reads a caller answered itself, having found those sectors unchanged
+        since it last read them: the read set must hold them all the same."""
+        self.reads.extend(spans)
+
 
 @dataclass
 class _Judged:
@@ -125,16 +130,22 @@ def _pages_of(sectors: dict[int, bytes]) -> frozenset[int]:
 
 
 def _merged_sectors(reads: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
-    spans = sorted({(off // SECTOR_BYTES, (off + n - 1) // SECTOR_BYTES)
-                    for off, n in set(reads) if n > 0})  # judging rereads headers a lot
+    """Sorted, merged sector intervals of ``reads``, in one pass over them sorted by
+    offset (judging rereads headers a lot: duplicates go first)."""
     starts: list[int] = []
     ends: list[int] = []
-    for a, b in spans:
-        if ends and a <= ends[-1] + 1:
-            ends[-1] = max(ends[-1], b)
+    last = -2
+    for off, n in sorted(set(reads)):
+        if n <= 0:
+            continue
+        a, b = off // SECTOR_BYTES, (off + n - 1) // SECTOR_BYTES
+        if a <= last + 1:
+            if b > last:
+                ends[-1] = last = b
         else:
             starts.append(a)
             ends.append(b)
+            last = b
     return starts, ends
 
 

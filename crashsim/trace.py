@@ -13,6 +13,7 @@ before the cut must be honoured).
 """
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -66,6 +67,7 @@ class Trace:
     # (at_step, text): user-defined marks from a recorded log (dm-log-writes MARK entries);
     # informational only, they play no part in the oracle's transaction counts
     marks: list[tuple[int, str]] = field(default_factory=list)
+    _marks_seen: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # -- recording -------------------------------------------------------------------
     def add_step(self, kind: StepKind, io_id: int, time_us: float = 0.0) -> None:
@@ -76,10 +78,20 @@ class Trace:
 
     # -- queries ---------------------------------------------------------------------
     def started(self, p: int) -> int:
-        return sum(1 for m in self.tx_marks if m.kind == "start" and m.at_step <= p)
+        return bisect_right(self._mark_steps("start"), p)
 
     def acked(self, p: int) -> int:
-        return sum(1 for m in self.tx_marks if m.kind == "ack" and m.at_step <= p)
+        return bisect_right(self._mark_steps("ack"), p)
+
+    def _mark_steps(self, kind: str) -> list[int]:
+        """The steps of the ``kind`` marks, sorted: every crash point asks, and counting
+        through all marks made a long workload pay for its length at every step."""
+        key = (len(self.tx_marks), kind)
+        cached = self._marks_seen.get(kind)
+        if cached is None or cached[0] != key:
+            cached = (key, sorted(m.at_step for m in self.tx_marks if m.kind == kind))
+            self._marks_seen[kind] = cached
+        return cached[1]
 
     def size_at(self, p: int) -> int:
         size = self.base.size_bytes

@@ -471,3 +471,51 @@ def test_durable_page_caches_stay_true_across_layer_merges():
         assert cached == step.durable.flattened().read(0, size), step.p
         assert step.durable.read(0, size) == cached
     assert merged > 0  # the layers under the durable one were merged at some steps
+
+
+def test_changes_between_siblings_and_across_merges_cover_every_difference():
+    """``changes_between`` names every sector where two images may differ: layers over
+    a shared ancestor, or over a merged twin of one. A sector left out would let the
+    VHDX view reuse bytes that changed."""
+    from crashsim.image import SparseImage
+    rng = __import__("random").Random(11)
+    base = SparseImage(1 << 20)
+    for _ in range(200):
+        base.write(rng.randrange(2048) * S, bytes([rng.randint(1, 255)]) * S)
+    base.seal()
+    lower = base.fork()
+    lower.write(5 * S, b"\x07" * S)
+    lower.seal()
+    upper = lower.fork()
+    upper.write(9 * S, b"\x08" * (3 * S))
+    merged = upper.merged_with_parent().seal()  # the twin of ``upper``
+    for a_parent, b_parent in [(upper, upper), (upper, merged), (merged, lower),
+                               (lower, upper), (base, merged)]:
+        a, b = a_parent.fork(), b_parent.fork()
+        for img in (a, b):
+            for _ in range(rng.randint(0, 6)):
+                img.write(rng.randrange(2048) * S, bytes([rng.randint(0, 255)]) * S)
+        changed = a.changes_between(b)
+        assert changed is not None
+        named = {x for sectors in changed.values() for x in sectors}
+        for x in range(2048):
+            if a.sector(x) != b.sector(x):
+                assert x in named, x
+    assert SparseImage(4096).changes_between(SparseImage(4096)) is None  # unrelated
+
+
+def test_a_frozen_image_keeps_its_content_when_the_image_is_written_on():
+    from crashsim.image import SparseImage
+    base = SparseImage(8 * S)
+    base.write(0, b"\x01" * S)
+    base.seal()
+    state = base.fork()
+    state.write(S, b"\x02" * S)
+    work = state.fork()
+    work.write(2 * S, b"\x03" * S)
+    frozen = work.frozen()
+    assert frozen.parent is base and frozen.read(0, 8 * S) == work.read(0, 8 * S)
+    work.write(2 * S, b"\x04" * S)
+    assert frozen.read(2 * S, S) == b"\x03" * S
+    assert work.frozen(max_sectors=1) is None  # too much above the sealed layer
+    assert base.frozen() is base

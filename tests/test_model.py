@@ -60,3 +60,22 @@ def test_a_view_too_large_to_cache_is_confirmed_by_digest():
     assert model._by_digest and len(model._by_k) == 3
     assert model.matching(model.view_after(1)) == [1]
     assert model.matching(bytes([3]) * size) == []
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(OPS, st.data())
+def test_matching_after_another_view_is_matching_afresh(raw, data):
+    """Successive views share part objects; only the parts that are not the previous
+    view's are looked up again, and the answer is the one a fresh model gives."""
+    model = RangeModel(_ops(raw))
+    views = []
+    for _ in range(data.draw(st.integers(2, 6))):
+        k = data.draw(st.integers(0, len(raw)))
+        parts = list(views[-1]) if views else _parts(model, model.view_after(k))
+        for i in data.draw(st.lists(st.integers(0, len(parts) - 1), max_size=3)):
+            parts[i] = _parts(model, model.view_after(data.draw(
+                st.integers(0, len(raw)))))[i]
+            if data.draw(st.booleans()):
+                parts[i] = bytes([parts[i][0] ^ 0xFF]) + parts[i][1:]
+        views.append(parts)
+        assert model.matching(parts) == RangeModel(_ops(raw)).matching(b"".join(parts))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import random
 import struct
+from operator import itemgetter
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -76,6 +77,7 @@ class VhdxDriver:
         # The non-zero BAT entries as loaded from disk: the structure checks, which run
         # right after a load, read these; writes change self.bat only.
         self.bat_nonzero: list[tuple[int, int]] = []
+        self.bat_blob = b""  # the BAT's bytes as loaded: checks of it are memoised by them
         self.metadata_bytes_read = 0
         self.log: LogWriter | None = None
         self.region_notes: list[str] = []
@@ -154,7 +156,7 @@ class VhdxDriver:
         if count * 8 > region.length:
             raise VhdxCorrupt(f"the BAT region ({region.length:#x} bytes) cannot hold "
                               f"{count} entries", region.file_offset, "bat-size")
-        blob = self.io.read(region.file_offset, count * 8)
+        blob = self.bat_blob = bytes(self.io.read(region.file_offset, count * 8))
         self.bat_nonzero = nonzero_entries_of(blob)
         return parse_bat(blob, count)
 
@@ -162,6 +164,9 @@ class VhdxDriver:
         """QEMU's vhdx_check_bat_entries: no present block may end past end-of-file."""
         size = self.io.size_bytes
         block = self.metadata.block_size
+        if not self.bat_nonzero or \
+                unpack_bat_entry(max(self.bat_nonzero, key=itemgetter(1))[1])[1] + block <= size:
+            return  # the entry with the highest offset ends in the file: so do all
         for i, value in self.bat_nonzero:
             state, off = unpack_bat_entry(value)
             if state == FULLY_PRESENT and off + block > size:
@@ -205,11 +210,16 @@ class VhdxDriver:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def read_extent(self, ext: Extent) -> bytes:
+        where = self.extent_source(ext)
+        return zeros(ext.length) if where is None else self.io.read(where, ext.length)
+
+    def extent_source(self, ext: Extent) -> int | None:
+        """The file offset ``ext`` reads from; None if it reads as zeros."""
         state, file_off = self.block_state(ext.block)
         if state in READS_AS_ZERO:
-            return zeros(ext.length)
+            return None
         if state == FULLY_PRESENT:
-            return self.io.read(file_off + ext.block_offset, ext.length)
+            return file_off + ext.block_offset
         idx = self.bat_index_of(ext.block)
         raise VhdxCorrupt(f"BAT entry {idx} has state {STATE_NAMES[state]}: cannot read "
                           f"it", self.bat_entry_offset(idx), "bat-state")
@@ -328,26 +338,34 @@ def _region_copy_problems(io: BlockIO) -> list[str]:
 
 
 def _bat_problems(drv: VhdxDriver) -> list[str]:
-    md, size, block = drv.metadata, drv.io.size_bytes, drv.metadata.block_size
     h = drv.headers.current
     reserved = [(0, HEADER_SECTION_END), (h.log_offset, h.log_offset + h.log_length)]
     for r in (drv.regions.bat, drv.regions.metadata):
         reserved.append((r.file_offset, r.file_offset + r.length))
-    ratio = md.chunk_ratio
+    return list(_bat_problems_of(drv.bat_blob, drv.io.size_bytes, drv.metadata.block_size,
+                                 tuple(reserved), drv.metadata.chunk_ratio))
+
+
+@functools.lru_cache(maxsize=64)
+def _bat_problems_of(blob: bytes, size: int, block: int,
+                     reserved: tuple[tuple[int, int], ...], ratio: int) -> tuple[str, ...]:
+    """Memoised by the BAT's bytes: the crash states of a run mostly share their BAT,
+    and walking every allocated entry made a long workload pay for its length at
+    every structure checked."""
     owners: dict[int, int] = {}
-    out = []
-    for i, value in drv.bat_nonzero:
+    out: list[str] = []
+    for i, value in nonzero_entries_of(blob):
         state, off = unpack_bat_entry(value)
         if is_bitmap_index(i, ratio):
             if state not in (NOT_PRESENT, SB_PRESENT):
                 out.append(f"BAT entry {i} (sector bitmap) has invalid state {state}")
             continue
         out += _payload_entry_problems(i, state, off, block, size, reserved, owners)
-    return out
+    return tuple(out)
 
 
 def _payload_entry_problems(i: int, state: int, off: int, block: int, size: int,
-                            reserved: list[tuple[int, int]], owners: dict[int, int]
+                            reserved: tuple[tuple[int, int], ...], owners: dict[int, int]
                             ) -> list[str]:
     name = STATE_NAMES.get(state, str(state))
     if state not in (FULLY_PRESENT, PARTIALLY_PRESENT):

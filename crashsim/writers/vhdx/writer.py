@@ -16,6 +16,7 @@ is cleared). The liveness probe allocates one more block the workload never touc
 """
 from __future__ import annotations
 
+import functools
 import random
 from typing import Any, ClassVar
 
@@ -28,8 +29,10 @@ from .create import LOG_OFFSET, create_image
 from .driver import VhdxDriver, validate
 from .format import (FULLY_PRESENT, HEADER_BLOCK, HEADER_SLOTS, REGION_TABLE_BYTES,
                      REGION_TABLE_OFFSETS, ZERO_GUID, MiB, bat_entry_count,
-                     is_bitmap_index, payload_block_of, round_up, unpack_bat_entry)
+                     is_bitmap_index, nonzero_entries_of, payload_block_of, round_up,
+                     unpack_bat_entry)
 from .replay import FIXED_POLICY, ReplayPolicy
+from .view import RangeViews
 
 # Defect switches: each a realistic mistake, wired in variants.py (step overrides or a
 # ReplayPolicy flip).
@@ -59,6 +62,9 @@ class VhdxWriter:
     # Judging reads the image only through the device and is deterministic, so the
     # oracle may reuse a verdict for states that differ only where it never read.
     reads_through_device: ClassVar[bool] = True
+    # Its view reads again only what changed since the last one (view.py), which costs
+    # less than the oracle's memo of whole views.
+    views_incrementally: ClassVar[bool] = True
     op_kinds: ClassVar[frozenset[str]] = frozenset({"guest_write", "log_write"})
     defects_available: ClassVar[dict[str, str]] = DEFECTS
     recovery_policy: ClassVar[ReplayPolicy] = FIXED_POLICY
@@ -82,8 +88,10 @@ class VhdxWriter:
             self.driver_class = defect_driver_class(self.defects)
             self.recovery_policy = defect_policy(self.recovery_policy, self.defects)
         self.seed = seed
-        self._workload_blocks: set[int] | None = None
+        self._workload_blocks: frozenset[int] | None = None
         self._attach_memo: tuple[BlockDevice, int, VhdxDriver] | None = None
+        self._views = RangeViews()
+        self._ranges_end: tuple[list[tuple[int, int]], int] | None = None
         self.op_kind = next(iter(kinds), "guest_write")
         self.virtual_size = parse_size(image.get("virtual_size", 64 * MiB))
         self.block_size = parse_size(image.get("block_size", MiB))
@@ -146,11 +154,16 @@ class VhdxWriter:
         if self.op_kind == "log_write":
             return [dev.read(self.payload_base + off, n) for off, n in ranges]
         drv = self._attached(dev)
-        end = max((off + n for off, n in ranges), default=0)
+        end = self._end_of(ranges)
         if end > drv.virtual_size:  # the metadata shrank the disk: corrupt, not a crash
             raise RecoveryError(f"the virtual disk is {drv.virtual_size} bytes, too small "
                                 f"for the workload's range ending at {end:#x}")
-        return [drv.read(off, n) for off, n in ranges]
+        return self._views.read(drv, dev, ranges)
+
+    def _end_of(self, ranges: list[tuple[int, int]]) -> int:
+        if self._ranges_end is None or self._ranges_end[0] is not ranges:
+            self._ranges_end = (ranges, max((off + n for off, n in ranges), default=0))
+        return self._ranges_end[1]
 
     def _attached(self, dev: BlockDevice) -> VhdxDriver:
         """A driver over ``dev`` as it is, for reading only. The oracle's view, key
@@ -176,9 +189,9 @@ class VhdxWriter:
             return [str(exc)]
         return self._stray_blocks(drv)
 
-    def workload_blocks(self) -> set[int]:
+    def workload_blocks(self) -> frozenset[int]:
         if self._workload_blocks is None:
-            self._workload_blocks = self._blocks_written()
+            self._workload_blocks = frozenset(self._blocks_written())
         return self._workload_blocks
 
     def _blocks_written(self) -> set[int]:
@@ -193,18 +206,9 @@ class VhdxWriter:
         return blocks
 
     def _stray_blocks(self, drv: VhdxDriver) -> list[str]:
-        expected = self.workload_blocks()
-        ratio, blocks = drv.metadata.chunk_ratio, drv.metadata.data_blocks
-        out = []
-        for i, value in drv.bat_nonzero:
-            if is_bitmap_index(i, ratio):
-                continue
-            block = payload_block_of(i, ratio)
-            state, off = unpack_bat_entry(value)
-            if state == FULLY_PRESENT and block < blocks and block not in expected:
-                out.append(f"BAT entry {i} (block {block}) is "
-                           f"allocated at {off:#x} but the workload never wrote it")
-        return out
+        return list(_stray_blocks_of(drv.bat_blob, drv.metadata.chunk_ratio,
+                                     drv.metadata.data_blocks,
+                                     frozenset(self.workload_blocks())))
 
     def structure_key(self, dev: BlockDevice) -> bytes | None:
         """The file size and every structure byte that check_structure and probe read:
@@ -252,3 +256,19 @@ class VhdxWriter:
         if back != data:
             raise ProbeFailed(f"allocating write at guest offset {offset:#x} did not read "
                               f"back after reopening")
+
+
+@functools.lru_cache(maxsize=64)
+def _stray_blocks_of(blob: bytes, ratio: int, blocks: int, expected: frozenset[int]
+                     ) -> tuple[str, ...]:
+    """Allocated blocks the workload never wrote; memoised by the BAT's bytes."""
+    out = []
+    for i, value in nonzero_entries_of(blob):
+        if is_bitmap_index(i, ratio):
+            continue
+        block = payload_block_of(i, ratio)
+        state, off = unpack_bat_entry(value)
+        if state == FULLY_PRESENT and block < blocks and block not in expected:
+            out.append(f"BAT entry {i} (block {block}) is "
+                       f"allocated at {off:#x} but the workload never wrote it")
+    return tuple(out)
