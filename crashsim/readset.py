@@ -45,10 +45,27 @@ class ReadLogDevice(ImageDevice):
         self.reads.append((offset, length))
         return self.image.read(offset, length)
 
-    def note_reads(self, spans: list[tuple[int, int]]) -> None:
+    def note_reads(self, spans: "list[tuple[int, int]] | ReadGroup") -> None:
         """Note reads a caller answered itself, having found those sectors unchanged
         since it last read them: the read set must hold them all the same."""
-        self.reads.extend(spans)
+        if isinstance(spans, ReadGroup):
+            self.reads.append(spans)
+        else:
+            self.reads.extend(spans)
+
+
+class ReadGroup(tuple):
+    """Reads noted as one by a caller that notes the same ones state after state (the
+    VHDX view's data spans, one per workload range). Their merged sectors are worked
+    out once per group, so a read set holding it costs the same to add whatever the
+    number of ranges; reads noted one by one made that cost grow with the workload."""
+
+    def merged(self) -> tuple[list[int], list[int], frozenset[int]]:
+        m = self.__dict__.get("_merged")
+        if m is None:
+            starts, ends = _merged_sectors(self)
+            m = self.__dict__["_merged"] = (starts, ends, _pages_in(starts, ends))
+        return m
 
 
 @dataclass
@@ -58,8 +75,9 @@ class _Judged:
     own_pages: frozenset[int]  # pages those sectors lie in
     size_bytes: int
     pages: frozenset[int]  # pages any read touched: a cheap first filter
-    starts: list[int]  # merged sector intervals read, sorted
+    starts: list[int]  # merged sector intervals read, sorted (besides the groups)
     ends: list[int]
+    groups: tuple[ReadGroup, ...]
     result: object
     reads: list[tuple[int, int]]  # as noted, for a caller that reuses the result
 
@@ -118,11 +136,38 @@ class ReadSetMemo:
                  reads: list[tuple[int, int]], result: object) -> None:
         if len(self._judged) >= RECENT_STATES:
             del self._judged[0]  # lookups compare the newest ones only
-        starts, ends = _merged_sectors(reads)
-        pages = frozenset(p for a, b in zip(starts, ends)
-                          for p in range(a // PAGE_SECTORS, b // PAGE_SECTORS + 1))
+        groups = tuple({id(r): r for r in reads if type(r) is ReadGroup}.values())
+        starts, ends = _merged_sectors([r for r in reads if type(r) is not ReadGroup]
+                                       if groups else reads)
+        pages = _pages_in(starts, ends)
+        for group in groups:
+            pages |= group.merged()[2]
         self._judged.append(_Judged(durable, sectors, _pages_of(sectors), size_bytes, pages,
-                                    starts, ends, result, list(reads)))
+                                    starts, ends, groups, result, list(reads)))
+
+
+def merged_reads(reads: list) -> tuple[list[int], list[int]]:
+    """The sector intervals of ``reads``, groups spelled out: what was read, however
+    it was noted."""
+    return _merged_sectors([s for r in reads
+                            for s in (r if type(r) is ReadGroup else (r,))])
+
+
+def _pages_in(starts: list[int], ends: list[int]) -> frozenset[int]:
+    return frozenset(p for a, b in zip(starts, ends)
+                     for p in range(a // PAGE_SECTORS, b // PAGE_SECTORS + 1))
+
+
+def _was_read(judged: _Judged, x: int) -> bool:
+    i = bisect_right(judged.starts, x) - 1
+    if i >= 0 and x <= judged.ends[i]:
+        return True
+    for group in judged.groups:
+        starts, ends, _ = group.merged()
+        i = bisect_right(starts, x) - 1
+        if i >= 0 and x <= ends[i]:
+            return True
+    return False
 
 
 def _pages_of(sectors: dict[int, bytes]) -> frozenset[int]:
@@ -151,13 +196,10 @@ def _merged_sectors(reads: list[tuple[int, int]]) -> tuple[list[int], list[int]]
 
 def _agrees(sectors: dict[int, bytes], judged: _Judged, durable: SparseImage) -> bool:
     """Equal content in every read sector where either state's own layer differs."""
-    pages, starts, ends = judged.pages, judged.starts, judged.ends
+    pages = judged.pages
     for mine, theirs in ((sectors, judged.sectors), (judged.sectors, sectors)):
         for x, data in mine.items():
-            if x // PAGE_SECTORS not in pages:
-                continue
-            i = bisect_right(starts, x) - 1
-            if i < 0 or x > ends[i]:
+            if x // PAGE_SECTORS not in pages or not _was_read(judged, x):
                 continue
             other = theirs.get(x)
             if other is None:
@@ -172,7 +214,7 @@ def _agrees_across(sectors: dict[int, bytes], judged: _Judged, durable: SparseIm
     """``_agrees`` for a judged state of an earlier step, whose durable layer is
     ``durable``'s ancestor: the sectors the layers in between hold (``moved``, by page)
     may differ as well."""
-    pages, starts, ends = judged.pages, judged.starts, judged.ends
+    pages = judged.pages
     candidates = [x for x in sectors if x // PAGE_SECTORS in pages]
     candidates += [x for x in judged.sectors if x // PAGE_SECTORS in pages]
     for page, held in moved.items():
@@ -180,8 +222,7 @@ def _agrees_across(sectors: dict[int, bytes], judged: _Judged, durable: SparseIm
             candidates += held
     old = judged.durable
     for x in candidates:
-        i = bisect_right(starts, x) - 1
-        if i < 0 or x > ends[i]:
+        if not _was_read(judged, x):
             continue
         mine, theirs = sectors.get(x), judged.sectors.get(x)
         if (durable.sector(x) if mine is None else mine) != \

@@ -4,7 +4,8 @@ import subprocess
 import sys
 
 KEYS = {"states_per_second_per_core", "qemu_img_states_per_second", "speedup_vs_qemu_img",
-        "parallel_speedup", "peak_rss_mib", "parallel_ceiling", "parallel_efficiency"}
+        "parallel_speedup", "peak_rss_mib", "parallel_ceiling", "parallel_efficiency",
+        "scaling_growth"}
 
 
 def test_bench_json_has_every_key(require_qemu):
@@ -19,3 +20,6 @@ def test_bench_json_has_every_key(require_qemu):
     for key in ("scaling_by_writes", "scaling_by_writes_at_budget_64"):
         row = figures[key]["5"]
         assert row["steps"] > 0 and 0 < row["recoveries"] <= row["states"]
+    growth = figures["scaling_by_writes"]["5"]["ms_per_step"] / \
+        figures["scaling_by_writes"]["2"]["ms_per_step"]
+    assert figures["scaling_growth"] == round(growth, 2)

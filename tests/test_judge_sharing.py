@@ -110,3 +110,30 @@ def test_read_set_memo_across_steps_compares_what_became_durable_in_between():
     within_step_only = ReadSetMemo(enabled=True)
     within_step_only.add_over({}, base.size_bytes, step1, [(0, 512)], "x")
     assert within_step_only.find_over({}, base.size_bytes, unread) is None
+
+
+def test_a_read_group_counts_as_the_reads_it_holds():
+    """A memo entry whose reads came partly as a ReadGroup agrees with exactly the
+    states an entry with those reads noted one by one agrees with."""
+    import random
+    from crashsim.image import SparseImage
+    from crashsim.readset import ReadGroup, ReadSetMemo
+    rng = random.Random(3)
+    durable = SparseImage(1 << 22)
+    durable.seal()
+    outcomes = set()
+    for trial in range(300):
+        spans = [(rng.randrange(8192) * 512, rng.choice([512, 4096, 65536]))
+                 for _ in range(rng.randint(1, 12))]
+        cut = rng.randint(0, len(spans))
+        plain, grouped = ReadSetMemo(True), ReadSetMemo(True)
+        mine = {rng.randrange(8192): bytes([rng.randint(1, 3)]) * 512 for _ in range(4)}
+        plain.add_over(mine, durable.size_bytes, durable, spans, "plain")
+        grouped.add_over(mine, durable.size_bytes, durable,
+                         spans[:cut] + [ReadGroup(spans[cut:])], "grouped")
+        other = {**mine, rng.randrange(8192): bytes([rng.randint(1, 3)]) * 512}
+        found = plain.find_over(other, durable.size_bytes, durable)
+        found_g = grouped.find_over(other, durable.size_bytes, durable)
+        assert (found is None) == (found_g is None), trial
+        outcomes.add(found is None)
+    assert outcomes == {True, False}  # shared and not shared both came up

@@ -10,7 +10,7 @@ from crashsim import crashstates
 from crashsim.bench import bench_scenario
 from crashsim.blockdev import run_sync
 from crashsim.explore import build_context, make_writer
-from crashsim.readset import ReadLogDevice, _merged_sectors
+from crashsim.readset import ReadLogDevice, merged_reads
 
 
 def _recovered(writer, image):
@@ -22,7 +22,7 @@ def _recovered(writer, image):
 def _view(writer, image, ranges):
     reads: list[tuple[int, int]] = []
     parts = writer.view(ReadLogDevice(image, reads), ranges)
-    return parts, _merged_sectors(reads)
+    return parts, merged_reads(reads)
 
 
 def test_incremental_views_equal_full_views_with_the_same_reads():

@@ -8,14 +8,17 @@ last view is kept with where each range's bytes came from, and the next one read
 again only the ranges whose BAT entries or data sectors differ; the rest are the
 bytes already read, which ``SparseImage.changes_between`` vouches for.
 
-The read set stays whole: the reads a reused range would have made are noted on the
-device (``note_reads``), so the oracle's read-set memo sees the same reads either way.
+The read set stays whole: every range's data spans are noted on the device as one
+``ReadGroup`` (``note_reads``), so the oracle's read-set memo sees what a full view
+reads, at a cost that does not grow with the number of ranges.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 from ...image import PAGE_SECTORS, SECTOR_BYTES, SparseImage
+from ...readset import ReadGroup
 from .driver import VhdxDriver, zeros
 
 MAX_LAYERS_APART = 8  # images further apart than this are viewed in full
@@ -33,6 +36,8 @@ class _Seen:
     bat_of: list[tuple[int, ...]]
     spans: list[list[tuple[int, int]]]
     by_page: dict[int, list[int]]  # page -> ranges that read in it
+    by_bat: dict[int, list[int]]  # BAT index -> ranges that map through it
+    group: ReadGroup  # every range's spans, noted as one read
 
 
 class RangeViews:
@@ -53,14 +58,15 @@ class RangeViews:
         parts, bat_of, spans = list(seen.parts), list(seen.bat_of), list(seen.spans)
         for i in redo:
             parts[i], bat_of[i], spans[i] = _read_range(drv, *ranges[i])
-        note = getattr(dev, "note_reads", None)
-        if note is not None:
-            note([s for i, got in enumerate(seen.spans) if i not in redo for s in got])
         self.ranges_read += len(redo)
         self.ranges_reused += len(ranges) - len(redo)
-        same_places = all(spans[i] == seen.spans[i] for i in redo)
-        self._keep(image, ranges, shape, drv.bat, parts, bat_of, spans,
-                   seen.by_page if same_places else None)
+        if any(bat_of[i] != seen.bat_of[i] for i in redo):
+            self._keep(image, ranges, shape, drv.bat, parts, bat_of, spans)
+        else:
+            moved = [i for i in redo if spans[i] != seen.spans[i]]
+            self._keep(image, ranges, shape, drv.bat, parts, bat_of, spans, seen, moved)
+        _note(dev, self._seen.group if self._seen is not None else
+              ReadGroup(chain.from_iterable(spans)))
         return parts
 
     def _stale(self, image: SparseImage | None, ranges, shape, bat: list[int]
@@ -81,10 +87,10 @@ class RangeViews:
                 if i not in redo and _overlaps(seen.spans[i], sectors):
                     redo.add(i)
         if bat != seen.bat:
-            old = seen.bat
-            redo.update(i for i, idx in enumerate(seen.bat_of)
-                        if any(j >= len(bat) or j >= len(old) or bat[j] != old[j]
-                               for j in idx))
+            if len(bat) != len(seen.bat):
+                return None
+            for j in _differing(bat, seen.bat):
+                redo.update(seen.by_bat.get(j, ()))
         return redo
 
     def _read_all(self, drv: VhdxDriver, image, ranges, shape) -> list[bytes]:
@@ -96,22 +102,56 @@ class RangeViews:
         return parts
 
     def _keep(self, image, ranges, shape, bat, parts, bat_of, spans,
-              by_page: dict[int, list[int]] | None = None) -> None:
+              prev: _Seen | None = None, moved: list[int] | None = None) -> None:
+        """Keep this view for the next. From ``prev``, the last one read through the
+        same BAT indices, only the ranges ``moved`` to other file spans change the
+        indices: a long workload flips between states with a block allocated and
+        not, and rebuilding them every time cost in proportion to its length."""
         frozen = image.frozen() if image is not None else None
         if frozen is None:
             self._seen = None
             return
-        if by_page is not None:  # every range reads where it did: the index holds
-            self._seen = _Seen(frozen, ranges, shape, list(bat), parts, bat_of, spans,
-                               by_page)
-            return
-        by_page = {}
-        for i, got in enumerate(spans):
-            for off, n in got:
-                first, last = off // SECTOR_BYTES, (off + n - 1) // SECTOR_BYTES
-                for page in range(first // PAGE_SECTORS, last // PAGE_SECTORS + 1):
-                    by_page.setdefault(page, []).append(i)
-        self._seen = _Seen(frozen, ranges, shape, list(bat), parts, bat_of, spans, by_page)
+        if prev is None:
+            by_bat: dict[int, list[int]] = {}
+            for i, idx in enumerate(bat_of):
+                for j in idx:
+                    by_bat.setdefault(j, []).append(i)
+            by_page = _with_pages({}, range(len(spans)), spans)
+            group = ReadGroup(chain.from_iterable(spans))
+        elif moved:
+            by_bat, by_page = prev.by_bat, dict(prev.by_page)
+            for i in moved:
+                for page in _pages_of(prev.spans[i]):
+                    by_page[page] = [r for r in by_page[page] if r != i]
+            by_page = _with_pages(by_page, moved, spans)
+            group = ReadGroup(chain.from_iterable(spans))
+        else:
+            by_bat, by_page, group = prev.by_bat, prev.by_page, prev.group
+        self._seen = _Seen(frozen, ranges, shape, list(bat), parts, bat_of, spans,
+                           by_page, by_bat, group)
+
+
+def _pages_of(spans: list[tuple[int, int]]) -> list[int]:
+    out = []
+    for off, n in spans:
+        first, last = off // SECTOR_BYTES, (off + n - 1) // SECTOR_BYTES
+        out += range(first // PAGE_SECTORS, last // PAGE_SECTORS + 1)
+    return out
+
+
+def _with_pages(by_page: dict[int, list[int]], which, spans) -> dict[int, list[int]]:
+    """``by_page`` with ranges ``which`` added at the pages of their spans (lists are
+    copied before they grow: an older view may share them)."""
+    for i in which:
+        for page in _pages_of(spans[i]):
+            by_page[page] = by_page.get(page, []) + [i]
+    return by_page
+
+
+def _note(dev, group: ReadGroup) -> None:
+    note = getattr(dev, "note_reads", None)
+    if note is not None:
+        note(group)
 
 
 def _read_range(drv: VhdxDriver, offset: int, length: int
@@ -128,6 +168,16 @@ def _read_range(drv: VhdxDriver, offset: int, length: int
             spans.append((where, ext.length))
     data = parts[0] if len(parts) == 1 else b"".join(parts)
     return data, tuple(bat_of), spans
+
+
+def _differing(new: list[int], old: list[int], chunk: int = 64) -> list[int]:
+    """Indices where two equally long BATs differ; slices compare in C, so a BAT of
+    many entries costs little when a few differ."""
+    out = []
+    for c in range(0, len(new), chunk):
+        if new[c:c + chunk] != old[c:c + chunk]:
+            out += [j for j in range(c, min(c + chunk, len(new))) if new[j] != old[j]]
+    return out
 
 
 def _overlaps(spans: list[tuple[int, int]], sectors: list[int]) -> bool:
