@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from crashsim.blockdev import ImageDevice, run_sync
@@ -126,3 +126,24 @@ def test_replay_never_applies_an_entry_whose_checksum_fails(n, data):
     # the damaged entry and everything after it are not replayed; those before it are
     assert res.replayed_entries == k
     assert img.read(PAYLOAD, 5 * 4096) == states[k]
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.lists(st.tuples(st.integers(0, 199), st.integers(0, 7), st.integers(0, 40)),
+                max_size=30), st.integers(20, 48))
+@example([(1, 6, 10), (100, 6, 10)], 40)  # one block for entries in two BAT sectors
+@example([(1, 6, 10), (100, 6, 12)], 40)
+def test_a_bat_found_sound_sector_by_sector_is_one_with_no_problem(entries, size_mib):
+    """The sector-by-sector shortcut says "sound" exactly when the entry-by-entry walk
+    finds no problem: bad states, offsets in the header section or a region, two
+    entries on one block, a block past the end of the file."""
+    from crashsim.writers.vhdx.driver import _bat_problems_exact, _bat_sound
+    MiB = 1 << 20
+    values = [0] * 200
+    for i, state, off_mib in entries:
+        values[i] = f.pack_bat_entry(state, off_mib * MiB) if state != 0 or off_mib \
+            else 0
+    blob = b"".join(v.to_bytes(8, "little") for v in values)
+    reserved = ((0, MiB), (MiB, 2 * MiB), (2 * MiB, 3 * MiB), (3 * MiB, 4 * MiB))
+    args = (blob, size_mib * MiB, MiB, reserved, 32)
+    assert _bat_sound(*args) == (not _bat_problems_exact(*args))
