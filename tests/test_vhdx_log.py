@@ -420,6 +420,19 @@ def test_writer_plugin_round_trip(kind):
     run_sync(w.probe(ImageDevice(img.fork())))
 
 
+def test_stray_blocks_are_found_in_every_bat_sector():
+    ops = [Op("guest_write", 0, 4096, 0x01), Op("guest_write", 130 * MiB, 4096, 0x02)]
+    w = VhdxWriter(ops=ops, image={"virtual_size": 256 * MiB}, defects=[], seed=1)
+    img = w.format_image()
+    run_sync(w.run(ImageDevice(img), _Tx()))
+    assert w.check_structure(ImageDevice(img)) == []
+    drv = VhdxDriver()
+    run_sync(drv.open(ImageDevice(img)))
+    run_sync(drv.write(200 * MiB, b"\x03" * 512))  # BAT entry 200: the fourth sector
+    problems = w.check_structure(ImageDevice(img))
+    assert len(problems) == 1 and problems[0].startswith("BAT entry 200 (block 200)")
+
+
 def test_writer_flags_stray_blocks_and_stuck_probe():
     ops = [Op("guest_write", 0, 4096, 0x01)]
     w = VhdxWriter(ops=ops, image={"virtual_size": 16 * MiB}, defects=[], seed=1)
