@@ -423,11 +423,20 @@ def _explore_pool(ctx: Context, todo: list[int], workers: int,
     pool = ProcessPoolExecutor(workers, initializer=_init_worker,
                                initargs=(ctx.scenario, ctx.trace, lanes))
     judged: set[int] = set()
+    pending: set = set()
+
+    def submit() -> bool:
+        try:  # a worker that died, even while starting, breaks the pool
+            pending.add(pool.submit(_run_slice, per_slice))
+            return True
+        except BrokenProcessPool:
+            return False
+
     try:
-        pending = {pool.submit(_run_slice, per_slice) for _ in range(2 * workers)}
-        broken = False
+        broken = not all([submit() for _ in range(2 * workers)])
         while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            finished, still = wait(pending, return_when=FIRST_COMPLETED)
+            pending.intersection_update(still)
             for fut in finished:
                 try:
                     chunk = fut.result()
@@ -435,10 +444,7 @@ def _explore_pool(ctx: Context, todo: list[int], workers: int,
                     broken = True
                     continue
                 if len(chunk) == per_slice and not broken:  # a short slice: none left
-                    try:
-                        pending.add(pool.submit(_run_slice, per_slice))
-                    except BrokenProcessPool:
-                        broken = True
+                    broken = not submit()
                 judged.update(res.step for res in chunk)
                 collect(chunk)
         pool.shutdown()

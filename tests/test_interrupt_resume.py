@@ -464,3 +464,31 @@ def test_run_one_results_do_not_depend_on_the_new_orchestration(tmp_path):
     sc = load_scenario(path)
     assert dumps(run_one(sc, str(path), workers=1)) == \
         dumps(run_one(sc, str(path), workers=2))
+
+
+def test_a_pool_broken_before_its_tasks_are_all_submitted_loses_no_crash_point(
+        monkeypatch, tmp_path):
+    """A worker that dies at once breaks the pool while tasks are still being given
+    out: submitting raises. The crash points are then judged again, none is lost, and
+    the results are those of a serial run."""
+    import crashsim.explore as explore
+    from concurrent.futures.process import BrokenProcessPool
+
+    class BrokenAtOnce:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def submit(self, *args):
+            raise BrokenProcessPool("a child process terminated abruptly")
+
+        def shutdown(self, *args, **kwargs):
+            pass
+
+    path = tmp_path / "small.yaml"
+    path.write_text(SMALL.format(name="small", kind="wal", defects="", expect="pass"))
+    sc = load_scenario(path)
+    serial = explore_all(build_context(sc), 1)
+    monkeypatch.setattr(explore, "ProcessPoolExecutor", BrokenAtOnce)
+    again = explore_all(build_context(sc), 2)
+    assert [r.step for r in again] == [r.step for r in serial]
+    assert [r.outcomes for r in again] == [r.outcomes for r in serial]

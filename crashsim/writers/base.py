@@ -24,6 +24,11 @@ verdict. The contract, in the order the explorer uses it:
     through the device they get and are deterministic (any randomness seeded). The
     oracle then reuses a verdict for states that differ only in sectors judging never
     read (see ``readset.py``). Never set it for a writer that runs an external tool.
+``views_incrementally`` (optional class attribute, default False)
+    True says ``view`` already reuses what it read for the last state (the VHDX view
+    does, ``writers/vhdx/view.py``), and notes on the device (``note_reads``) every read
+    it answered that way. The oracle then skips its own memo of whole views, which
+    would only cost.
 ``structure_key(dev)`` (optional)
     Every byte that ``check_structure`` and ``probe`` read, as one bytes object, or
     None when unsure. Recovered images with equal keys share those two results, so a
