@@ -59,8 +59,10 @@ class SparseImage:
         changed = self.changes_since(older)
         if changed is None:
             return  # not an ancestor: start empty
-        self._pages = {p: page for p, page in older._pages.items()
-                       if p not in changed}
+        pages = dict(older._pages)  # copied in C: a long workload caches many pages
+        for p in changed:
+            pages.pop(p, None)
+        self._pages = pages
 
     def changes_since(self, older: "SparseImage", max_layers: int = 64
                       ) -> dict[int, list[int]] | None:

@@ -74,7 +74,7 @@ class _Judged:
     sectors: dict[int, bytes]  # the state's own layer over the durable layer
     own_pages: frozenset[int]  # pages those sectors lie in
     size_bytes: int
-    pages: frozenset[int]  # pages any read touched: a cheap first filter
+    pages: frozenset[int]  # pages any read besides the groups touched: a first filter
     starts: list[int]  # merged sector intervals read, sorted (besides the groups)
     ends: list[int]
     groups: tuple[ReadGroup, ...]
@@ -109,8 +109,7 @@ class ReadSetMemo:
             if judged.size_bytes != size_bytes:
                 continue
             if judged.durable is durable:
-                if judged.pages.isdisjoint(own) and \
-                        judged.pages.isdisjoint(judged.own_pages):
+                if _unread_pages(judged, own) and _unread_pages(judged, judged.own_pages):
                     return judged  # neither state's own sectors were read at all
                 if _agrees(sectors, judged, durable):
                     return judged
@@ -139,9 +138,7 @@ class ReadSetMemo:
         groups = tuple({id(r): r for r in reads if type(r) is ReadGroup}.values())
         starts, ends = _merged_sectors([r for r in reads if type(r) is not ReadGroup]
                                        if groups else reads)
-        pages = _pages_in(starts, ends)
-        for group in groups:
-            pages |= group.merged()[2]
+        pages = _pages_in(starts, ends)  # a group's pages stay its own: no union to build
         self._judged.append(_Judged(durable, sectors, _pages_of(sectors), size_bytes, pages,
                                     starts, ends, groups, result, list(reads)))
 
@@ -151,6 +148,15 @@ def merged_reads(reads: list) -> tuple[list[int], list[int]]:
     it was noted."""
     return _merged_sectors([s for r in reads
                             for s in (r if type(r) is ReadGroup else (r,))])
+
+
+def _unread_pages(judged: _Judged, pages: frozenset[int]) -> bool:
+    return judged.pages.isdisjoint(pages) and \
+        all(group.merged()[2].isdisjoint(pages) for group in judged.groups)
+
+
+def _page_read(judged: _Judged, page: int) -> bool:
+    return page in judged.pages or any(page in group.merged()[2] for group in judged.groups)
 
 
 def _pages_in(starts: list[int], ends: list[int]) -> frozenset[int]:
@@ -196,10 +202,9 @@ def _merged_sectors(reads: list[tuple[int, int]]) -> tuple[list[int], list[int]]
 
 def _agrees(sectors: dict[int, bytes], judged: _Judged, durable: SparseImage) -> bool:
     """Equal content in every read sector where either state's own layer differs."""
-    pages = judged.pages
     for mine, theirs in ((sectors, judged.sectors), (judged.sectors, sectors)):
         for x, data in mine.items():
-            if x // PAGE_SECTORS not in pages or not _was_read(judged, x):
+            if not _was_read(judged, x):
                 continue
             other = theirs.get(x)
             if other is None:
@@ -214,11 +219,10 @@ def _agrees_across(sectors: dict[int, bytes], judged: _Judged, durable: SparseIm
     """``_agrees`` for a judged state of an earlier step, whose durable layer is
     ``durable``'s ancestor: the sectors the layers in between hold (``moved``, by page)
     may differ as well."""
-    pages = judged.pages
-    candidates = [x for x in sectors if x // PAGE_SECTORS in pages]
-    candidates += [x for x in judged.sectors if x // PAGE_SECTORS in pages]
+    candidates = [x for x in sectors if _page_read(judged, x // PAGE_SECTORS)]
+    candidates += [x for x in judged.sectors if _page_read(judged, x // PAGE_SECTORS)]
     for page, held in moved.items():
-        if page in pages:
+        if _page_read(judged, page):
             candidates += held
     old = judged.durable
     for x in candidates:
