@@ -80,13 +80,9 @@ class RangeModel:
         self._by_digest = self.view_bytes > self.VIEW_CACHE_BYTES // 4
         self._by_k: list[bytes] = []
         self._crc_by_k: list[int] = []
+        self._summed = False
         self._views: OrderedDict[int, bytes] = OrderedDict()
         self._last_match: tuple[int, ...] | None = None
-        buf = bytearray(pos)
-        self._record(buf)
-        for op in ops:
-            self._apply(buf, op)
-            self._record(buf)
         self._index = self._range_index()
         self._seen: list[dict[int, tuple[bytes, int]]] = [{} for _ in self.ranges]
         self._prev_parts: tuple[list[bytes], list[int]] | None = None
@@ -114,6 +110,20 @@ class RangeModel:
             for i, content in enumerate(current):
                 index[i][content] |= 1 << k
         return index
+
+    def _sum_views(self) -> None:
+        """A CRC (and for large views a digest) of every k's whole view, for matching a
+        joined view. Worked out on first need only: it reads every k's view, so a long
+        workload's model took time quadratic in its length to build (9 s at 320
+        ranges of 64 KiB), and a writer that views range by range never needs it."""
+        if self._summed:
+            return
+        self._summed = True
+        buf = bytearray(self.view_bytes)
+        self._record(buf)
+        for op in self.ops:
+            self._apply(buf, op)
+            self._record(buf)
 
     def _record(self, buf: bytearray) -> None:
         # BLAKE2b confirms a CRC match only for views too large to keep for an exact
@@ -188,6 +198,7 @@ class RangeModel:
         return m
 
     def _matching(self, view: bytes) -> list[int]:
+        self._sum_views()
         crc = crc32c.crc32c(view)
         candidates = [k for k, ck in enumerate(self._crc_by_k) if ck == crc]
         if not candidates:
