@@ -56,30 +56,13 @@ class SparseImage:
         rebuilding all the others every step would cost more than judging."""
         if self._pages is None or older._pages is None or older is self:
             return
-        changed = self.changes_since(older)
+        changed = self.changes_between(older, max_layers=64)
         if changed is None:
-            return  # not an ancestor: start empty
+            return  # no shared layer near: start empty
         pages = dict(older._pages)  # copied in C: a long workload caches many pages
         for p in changed:
             pages.pop(p, None)
         self._pages = pages
-
-    def changes_since(self, older: "SparseImage", max_layers: int = 64
-                      ) -> dict[int, list[int]] | None:
-        """The sectors, by page, of the layers between this one and ``older``, an
-        ancestor or the twin of one (``older`` merged into the layers below it); None
-        if ``older`` is neither within ``max_layers``."""
-        changed: dict[int, list[int]] = {}
-        layer: SparseImage | None = self
-        for _ in range(max_layers):
-            if layer is None:
-                return None
-            if layer is older or (layer._twin is not None and layer._twin() is older):
-                return changed
-            for page, sectors in layer._page_index().items():
-                changed.setdefault(page, []).extend(sectors)
-            layer = layer.parent
-        return None
 
     def changes_between(self, other: "SparseImage", max_layers: int = 8
                         ) -> dict[int, list[int]] | None:

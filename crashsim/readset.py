@@ -118,7 +118,7 @@ class ReadSetMemo:
                 continue
             key = id(judged.durable)
             if key not in moved_since:
-                moved_since[key] = durable.changes_since(judged.durable, MAX_LAYERS_APART)
+                moved_since[key] = durable.changes_between(judged.durable, MAX_LAYERS_APART)
             moved = moved_since[key]
             if moved is not None and _agrees_across(sectors, judged, durable, moved):
                 return judged
