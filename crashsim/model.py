@@ -6,6 +6,7 @@ transactions the model holds the first k operations applied to a zeroed space.
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import operator
@@ -66,7 +67,7 @@ class RangeModel:
     """
 
     VIEW_CACHE_BYTES = 64 << 20
-    RANGE_INDEX_BYTES = 64 << 20  # bound on the per-range index of contents
+    RANGE_INDEX_BYTES = 64 << 20  # contents kept as index keys; digests beyond that
 
     def __init__(self, ops: list[Op]):
         self.ops = ops
@@ -87,29 +88,33 @@ class RangeModel:
         self._seen: list[dict[int, tuple[bytes, int]]] = [{} for _ in self.ranges]
         self._prev_parts: tuple[list[bytes], list[int]] | None = None
 
-    def _range_index(self) -> list[dict[bytes, int]] | None:
+    def _range_index(self) -> list[dict[bytes, int]]:
         """Per range, each content it holds after some k, with the set of those k as a
-        bit mask; None if that would take more than RANGE_INDEX_BYTES."""
-        versions = [bytearray(n) for _, n in self.ranges]
-        index: list[dict[bytes, int]] = [{bytes(v): 0} for v in versions]
-        current = [bytes(v) for v in versions]
-        size = sum(n for _, n in self.ranges)
-        for k in range(len(self.ops) + 1):
-            if k:
+        bit mask. Keys are the contents themselves while they fit in RANGE_INDEX_BYTES,
+        else their BLAKE2b digests (as for views too large to cache): a workload of a
+        thousand 64 KiB writes would otherwise fall back to summing its whole 64 MiB
+        view for every crash state. Built one range at a time, from the ops that touch
+        it, so it costs the ops' bytes, not ops × ranges."""
+        starts = [off for off, _ in self.ranges]
+        touching: list[list[int]] = [[] for _ in self.ranges]
+        for k, op in enumerate(self.ops, 1):  # an op lies inside one merged range
+            touching[bisect.bisect_right(starts, op.offset) - 1].append(k)
+        bound = sum(n * (len(ks) + 1) for (_, n), ks in zip(self.ranges, touching))
+        self._content_key = digest if bound > self.RANGE_INDEX_BYTES else None
+        return [self._versions(off, n, ks) for (off, n), ks in zip(self.ranges, touching)]
+
+    def _versions(self, off: int, n: int, touching: list[int]) -> dict[bytes, int]:
+        key = self._content_key or bytes
+        masks: dict[bytes, int] = {}
+        buf, since = bytearray(n), 0
+        for k in touching + [len(self.ops) + 1]:
+            content = key(buf)  # held for every k in [since, k)
+            masks[content] = masks.get(content, 0) | ((1 << k) - (1 << since))
+            if k <= len(self.ops):
                 op = self.ops[k - 1]
-                for i, (off, n) in enumerate(self.ranges):
-                    lo, hi = max(off, op.offset), min(off + n, op.offset + op.length)
-                    if lo < hi:
-                        versions[i][lo - off:hi - off] = bytes([op.pattern]) * (hi - lo)
-                        current[i] = bytes(versions[i])
-                        if current[i] not in index[i]:
-                            size += n
-                            index[i][current[i]] = 0
-                if size > self.RANGE_INDEX_BYTES:
-                    return None
-            for i, content in enumerate(current):
-                index[i][content] |= 1 << k
-        return index
+                buf[op.offset - off:op.offset - off + op.length] = op.data()
+            since = k
+        return masks
 
     def _sum_views(self) -> None:
         """A CRC (and for large views a digest) of every k's whole view, for matching a
@@ -148,7 +153,7 @@ class RangeModel:
         """Every k whose model view equals ``view``: the bytes of all ranges joined, or
         a list holding the bytes of each range."""
         if isinstance(view, list):
-            if self._index is not None and len(view) == len(self.ranges):
+            if len(view) == len(self.ranges):
                 return self._matching_parts(view)
             view = b"".join(view)
         if len(view) != self.view_bytes:
@@ -191,7 +196,8 @@ class RangeModel:
         hit = seen.get(id(part))
         if hit is not None and hit[0] is part:
             return hit[1]
-        m = self._index[i].get(part, 0)
+        key = self._content_key
+        m = self._index[i].get(part if key is None else key(part), 0)
         if len(seen) >= 16:
             seen.clear()
         seen[id(part)] = (part, m)  # the reference keeps the id from reuse

@@ -2,7 +2,7 @@
 view gives, for every k and for views that match no k."""
 from hypothesis import given, settings, strategies as st
 
-from crashsim.model import Op, RangeModel
+from crashsim.model import Op, RangeModel, digest
 
 
 def _ops(draw_ops):
@@ -25,7 +25,6 @@ def _parts(model: RangeModel, view: bytes) -> list[bytes]:
 @given(OPS, st.data())
 def test_parts_match_like_the_joined_view(raw, data):
     model = RangeModel(_ops(raw))
-    assert model._index is not None
     k = data.draw(st.integers(0, len(raw)))
     view = model.view_after(k)
     assert model.matching(_parts(model, view)) == model.matching(view)
@@ -46,12 +45,32 @@ def test_the_same_part_object_is_matched_again_without_confusion():
     assert model.matching([zero, two]) == []
 
 
-def test_a_huge_model_falls_back_to_the_joined_view():
+def test_a_huge_model_indexes_digests_and_still_matches_part_by_part():
     big = RangeModel.RANGE_INDEX_BYTES // 4
     ops = [Op("guest_write", 0, big, p) for p in (1, 2, 3, 4, 5)]
+    ops.append(Op("guest_write", big + 4096, 512, 6))
     model = RangeModel(ops)
-    assert model._index is None
-    assert model.matching([model.view_after(3)]) == [3]
+    assert model._content_key is digest
+    assert model.matching([bytes([3]) * big, bytes(512)]) == [3]
+    assert model.matching([bytes([5]) * big, bytes([6]) * 512]) == [6]
+    assert model.matching([bytes([5]) * (big - 1) + b"\x04", bytes(512)]) == []
+    assert model._crc_by_k == []  # never the whole view
+    assert model.matching(model.view_after(3)) == [3]
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(OPS, st.data())
+def test_an_index_of_digests_matches_like_one_of_contents(raw, data):
+    exact = RangeModel(_ops(raw))
+    hashed = RangeModel(_ops(raw))
+    hashed.RANGE_INDEX_BYTES = 0
+    hashed._index = hashed._range_index()
+    assert exact._content_key is None and hashed._content_key is digest
+    view = exact.view_after(data.draw(st.integers(0, len(raw))))
+    if data.draw(st.booleans()):
+        flip = data.draw(st.integers(0, len(view) - 1))
+        view = view[:flip] + bytes([view[flip] ^ 0xFF]) + view[flip + 1:]
+    assert hashed.matching(_parts(hashed, view)) == exact.matching(_parts(exact, view))
 
 
 def test_a_view_too_large_to_cache_is_confirmed_by_digest():
