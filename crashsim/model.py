@@ -17,6 +17,8 @@ from typing import Iterable, Literal
 
 import crc32c
 
+from .parts import CHUNK_ITEMS, Parts
+
 OpKind = Literal["guest_write", "log_write"]
 
 
@@ -86,7 +88,8 @@ class RangeModel:
         self._last_match: tuple[int, ...] | None = None
         self._index = self._range_index()
         self._seen: list[dict[int, tuple[bytes, int]]] = [{} for _ in self.ranges]
-        self._prev_parts: tuple[list[bytes], list[int]] | None = None
+        self._prev_parts: tuple[Parts, list[int]] | None = None
+        self._all_k = (1 << (len(ops) + 1)) - 1
 
     def _range_index(self) -> list[dict[bytes, int]]:
         """Per range, each content it holds after some k, with the set of those k as a
@@ -149,10 +152,10 @@ class RangeModel:
             self._apply(buf, op)
         return bytes(buf)
 
-    def matching(self, view: bytes | list[bytes]) -> list[int]:
+    def matching(self, view: bytes | list[bytes] | Parts) -> list[int]:
         """Every k whose model view equals ``view``: the bytes of all ranges joined, or
-        a list holding the bytes of each range."""
-        if isinstance(view, list):
+        a list (or ``Parts``) holding the bytes of each range."""
+        if isinstance(view, (list, Parts)):
             if len(view) == len(self.ranges):
                 return self._matching_parts(view)
             view = b"".join(view)
@@ -167,26 +170,35 @@ class RangeModel:
             self._last_match = tuple(found)
         return found
 
-    def _matching_parts(self, parts: list[bytes]) -> list[int]:
+    def _matching_parts(self, parts: Parts | list[bytes]) -> list[int]:
         """Intersect, range by range, the k that hold each part. Views of successive
-        states share most parts as the very same objects (reused or cached pages), so
-        only the parts that are not the previous view's are looked up again."""
+        states share most chunks of parts as the very same objects, so only the
+        chunks that are not the previous view's are looked up again: a view costs
+        in proportion to what changed and to the number of chunks, not of ranges."""
         prev = self._prev_parts
-        if prev is not None and len(prev[0]) == len(parts):
-            old, masks = prev
-            masks = list(masks)
-            for i in [i for i, (a, b) in enumerate(zip(parts, old)) if a is not b]:
-                masks[i] = self._mask_of(i, parts[i])
+        if not isinstance(parts, Parts):
+            parts = Parts.of(parts, like=prev[0] if prev is not None else None)
+        chunks = parts.chunks
+        if prev is not None and len(prev[0].chunks) == len(chunks):
+            masks = [m if c is old else self._chunk_mask(j, c)
+                     for j, (c, old, m) in enumerate(zip(chunks, prev[0].chunks, prev[1]))]
         else:
-            masks = [self._mask_of(i, part) for i, part in enumerate(parts)]
-        self._prev_parts = (list(parts), masks)
-        mask = functools.reduce(operator.and_, masks, (1 << (len(self.ops) + 1)) - 1)
+            masks = [self._chunk_mask(j, c) for j, c in enumerate(chunks)]
+        self._prev_parts = (parts, masks)
+        mask = functools.reduce(operator.and_, masks, self._all_k)
         found = []
         while mask:  # the set bits only: a view matches one k or a few
             low = mask & -mask
             found.append(low.bit_length() - 1)
             mask ^= low
         return found
+
+    def _chunk_mask(self, j: int, chunk: tuple[bytes, ...]) -> int:
+        first = j * CHUNK_ITEMS
+        mask = self._all_k
+        for t, part in enumerate(chunk):
+            mask &= self._mask_of(first + t, part)
+        return mask
 
     def _mask_of(self, i: int, part: bytes) -> int:
         """The k whose range ``i`` holds ``part``, as a bit mask. A part seen before as

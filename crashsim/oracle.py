@@ -32,6 +32,7 @@ from .blockdev import ImageDevice, run_sync
 from .readset import ReadLogDevice, ReadSetMemo
 from .image import SparseImage
 from .model import RangeModel
+from .parts import Parts
 from .trace import Trace
 from .writers.base import ProbeFailed, Recovery, RecoveryError
 
@@ -238,8 +239,8 @@ class Judge:
             return None
 
 
-def _joined(view: bytes | list[bytes]) -> bytes:
-    return b"".join(view) if isinstance(view, list) else view
+def _joined(view: bytes | list[bytes] | Parts) -> bytes:
+    return b"".join(view) if isinstance(view, (list, Parts)) else view
 
 
 @dataclass

@@ -3,6 +3,7 @@ view gives, for every k and for views that match no k."""
 from hypothesis import given, settings, strategies as st
 
 from crashsim.model import Op, RangeModel, digest
+from crashsim.parts import CHUNK_ITEMS, Parts
 
 
 def _ops(draw_ops):
@@ -91,8 +92,9 @@ def test_matching_by_parts_never_sums_whole_views():
 @settings(max_examples=60, deadline=None, database=None)
 @given(OPS, st.data())
 def test_matching_after_another_view_is_matching_afresh(raw, data):
-    """Successive views share part objects; only the parts that are not the previous
-    view's are looked up again, and the answer is the one a fresh model gives."""
+    """Successive views share part objects; only the chunks of parts that are not the
+    previous view's are looked up again, and the answer is the one a fresh model gives,
+    whether the view comes as a list or as Parts."""
     model = RangeModel(_ops(raw))
     views = []
     for _ in range(data.draw(st.integers(2, 6))):
@@ -104,4 +106,26 @@ def test_matching_after_another_view_is_matching_afresh(raw, data):
             if data.draw(st.booleans()):
                 parts[i] = bytes([parts[i][0] ^ 0xFF]) + parts[i][1:]
         views.append(parts)
-        assert model.matching(parts) == RangeModel(_ops(raw)).matching(b"".join(parts))
+        as_parts = Parts.of(parts) if data.draw(st.booleans()) else parts
+        assert model.matching(as_parts) == RangeModel(_ops(raw)).matching(b"".join(parts))
+
+
+LONG = [Op("guest_write", i * 4096, 512, 1 + i % 3) for i in range(2 * CHUNK_ITEMS + 7)]
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(st.data())
+def test_a_long_view_is_matched_chunk_by_chunk_like_afresh(data):
+    """More ranges than one chunk holds: views made with Parts.replaced share chunks,
+    and only the new chunks are looked up again."""
+    model = RangeModel(LONG)
+    ks = st.integers(0, len(LONG))
+    parts = Parts.of(_parts(model, model.view_after(data.draw(ks))))
+    for _ in range(data.draw(st.integers(1, 5))):
+        changes = {}
+        for i in data.draw(st.lists(st.integers(0, len(LONG) - 1), max_size=4)):
+            changes[i] = _parts(model, model.view_after(data.draw(ks)))[i]
+            if data.draw(st.booleans()):
+                changes[i] = bytes([changes[i][0] ^ 0xFF]) + changes[i][1:]
+        parts = parts.replaced(changes)
+        assert model.matching(parts) == RangeModel(LONG).matching(b"".join(parts))

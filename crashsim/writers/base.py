@@ -13,7 +13,10 @@ verdict. The contract, in the order the explorer uses it:
     returns a ``Recovery``; it raises ``RecoveryError`` when it refuses the image.
 ``view(dev, ranges)``
     The bytes the user would see at the model's ``ranges`` (guest disk or file ranges):
-    one bytes object for all of them, or a list with one per range (faster to match).
+    one bytes object for all of them, or a list with one per range (faster to match),
+    or a ``Parts`` (``parts.py``) with one per range: a writer that builds each view
+    from the last with ``Parts.replaced`` is matched at a cost that grows with what
+    changed, not with the number of ranges.
 ``check_structure(dev)``
     Problems with the image by the format's own rules, as strings; empty when valid.
 ``probe(dev)``
@@ -46,6 +49,7 @@ from typing import Any, ClassVar, Protocol
 from ..blockdev import BlockDevice, IOGen
 from ..image import SparseImage
 from ..model import Op
+from ..parts import Parts
 
 
 class RecoveryError(Exception):
@@ -87,6 +91,6 @@ class Writer(Protocol):
     def run(self, dev: BlockDevice, tx: TxReporter) -> IOGen: ...
     def recover(self, dev: BlockDevice) -> IOGen: ...
     def view(self, dev: BlockDevice, ranges: list[tuple[int, int]]
-             ) -> bytes | list[bytes]: ...
+             ) -> bytes | list[bytes] | Parts: ...
     def check_structure(self, dev: BlockDevice) -> list[str]: ...
     def probe(self, dev: BlockDevice) -> IOGen: ...

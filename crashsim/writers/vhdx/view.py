@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from itertools import chain
 
 from ...image import PAGE_SECTORS, SECTOR_BYTES, SparseImage
+from ...parts import Parts
 from ...readset import ReadGroup
 from .driver import VhdxDriver, zeros
 
@@ -32,9 +33,9 @@ class _Seen:
     ranges: list[tuple[int, int]]
     shape: tuple[int, int, int]
     bat: list[int]
-    parts: list[bytes]
-    bat_of: list[tuple[int, ...]]
-    spans: list[list[tuple[int, int]]]
+    parts: Parts  # of bytes
+    bat_of: Parts  # of tuple[int, ...]
+    spans: Parts  # of list[tuple[int, int]]
     by_page: dict[int, list[int]]  # page -> ranges that read in it
     by_bat: dict[int, list[int]]  # BAT index -> ranges that map through it
     group: ReadGroup  # every range's spans, noted as one read
@@ -48,16 +49,17 @@ class RangeViews:
         self.ranges_read = 0  # ranges read from the image, for tests and profiles
         self.ranges_reused = 0
 
-    def read(self, drv: VhdxDriver, dev, ranges: list[tuple[int, int]]) -> list[bytes]:
+    def read(self, drv: VhdxDriver, dev, ranges: list[tuple[int, int]]) -> Parts:
         image = getattr(dev, "image", None)
         shape = (drv.virtual_size, drv.block_size, drv.metadata.chunk_ratio)
         redo = self._stale(image, ranges, shape, drv.bat)
         if redo is None:
             return self._read_all(drv, image, ranges, shape)
         seen = self._seen
-        parts, bat_of, spans = list(seen.parts), list(seen.bat_of), list(seen.spans)
-        for i in redo:
-            parts[i], bat_of[i], spans[i] = _read_range(drv, *ranges[i])
+        read = {i: _read_range(drv, *ranges[i]) for i in redo}
+        parts = seen.parts.replaced({i: r[0] for i, r in read.items()})
+        bat_of = seen.bat_of.replaced({i: r[1] for i, r in read.items()})
+        spans = seen.spans.replaced({i: r[2] for i, r in read.items()})
         self.ranges_read += len(redo)
         self.ranges_reused += len(ranges) - len(redo)
         if any(bat_of[i] != seen.bat_of[i] for i in redo):
@@ -93,12 +95,12 @@ class RangeViews:
                 redo.update(seen.by_bat.get(j, ()))
         return redo
 
-    def _read_all(self, drv: VhdxDriver, image, ranges, shape) -> list[bytes]:
+    def _read_all(self, drv: VhdxDriver, image, ranges, shape) -> Parts:
         read = [_read_range(drv, off, n) for off, n in ranges]
-        parts = [r[0] for r in read]
+        parts = Parts.of(r[0] for r in read)
         self.ranges_read += len(ranges)
-        self._keep(image, ranges, shape, drv.bat, parts, [r[1] for r in read],
-                   [r[2] for r in read])
+        self._keep(image, ranges, shape, drv.bat, parts, Parts.of(r[1] for r in read),
+                   Parts.of(r[2] for r in read))
         return parts
 
     def _keep(self, image, ranges, shape, bat, parts, bat_of, spans,

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 from ...blockdev import BlockDevice, IOGen
 from ...image import SparseImage
 from ...model import Op
+from ...parts import Parts
 from ...sizes import parse_size
 from ..base import ProbeFailed, Recovery, RecoveryError, TxReporter
 from .create import LOG_OFFSET, create_image
@@ -148,7 +149,7 @@ class VhdxWriter:
         result = yield from drv.open(dev, policy=self.recovery_policy)
         return Recovery(list(result.decisions), list(result.branches))
 
-    def view(self, dev: BlockDevice, ranges: list[tuple[int, int]]) -> list[bytes]:
+    def view(self, dev: BlockDevice, ranges: list[tuple[int, int]]) -> list[bytes] | Parts:
         # One part per range, unjoined: the model matches range by range, often by
         # the identity of a cached page, which joining would throw away.
         if self.op_kind == "log_write":
