@@ -67,28 +67,45 @@ def _qemu_img_rate(sc: Scenario, sample: int) -> float | None:
 
 
 SCALING_BUDGET = 8  # fewer than every torn step of the workload has, early or late
+SCALING_WINDOW_S = 2.0  # timed per length and round: 160 writes take about that once
 
 
-def _scaling_by_writes(counts: list[int], budget: int, rounds: int = 1
-                       ) -> dict[str, dict[str, float]]:
+def _scaling_by_writes(counts: list[int], budget: int, rounds: int = 1,
+                       min_seconds: float = 0.0) -> dict[str, dict[str, float]]:
     """Cost against trace length at a fixed per-step budget: linear growth shows as a
     flat ``ms_per_step``. At SCALING_BUDGET every step judges as many states whatever
     the trace length; at a larger budget later steps of a long trace judge more: the
     logged copy of a BAT sector fills up as blocks are allocated, so a torn write of it
-    differs from the zeroed log in more of its 512-byte pieces. With ``rounds`` > 1
-    each length is explored that many times, each on a fresh context, and the fastest
-    counts: a busy host slows single runs by a third and more."""
+    differs from the zeroed log in more of its 512-byte pieces.
+
+    Each round runs every length in turn, each explored again (on a fresh context, so
+    no run profits from another's caches) until ``min_seconds`` have been timed, and
+    the median over rounds counts. A busy host slows some seconds by a third and more:
+    timed over equally long windows, taken in turn, every length meets it alike. (The
+    fastest of a few runs favoured the short lengths, whose runs are short enough to
+    fall between slow spells.)"""
+    per_step: dict[int, list[float]] = {n: [] for n in counts}
+    runs = dict.fromkeys(counts, 0)
+    last: dict[int, tuple[list, int]] = {}
+    for _ in range(rounds):
+        for n in counts:
+            secs, reps = 0.0, 0
+            while reps == 0 or secs < min_seconds:
+                ctx = build_context(bench_scenario(n, budget))
+                t0 = time.perf_counter()
+                steps = explore_all(ctx, 1)
+                secs += time.perf_counter() - t0
+                reps += 1
+            per_step[n].append(secs / (reps * len(steps)))
+            runs[n] += reps
+            last[n] = (steps, ctx.judge.recoveries)
     out = {}
     for n in counts:
-        secs = float("inf")
-        for _ in range(rounds):
-            ctx = build_context(bench_scenario(n, budget))
-            t0 = time.perf_counter()
-            steps = explore_all(ctx, 1)
-            secs = min(secs, time.perf_counter() - t0)
-        states, recovered = sum(s.explored for s in steps), ctx.judge.recoveries
+        steps, recovered = last[n]
+        secs = statistics.median(per_step[n]) * len(steps)
+        states = sum(s.explored for s in steps)
         out[str(n)] = {"steps": len(steps), "states": states, "recoveries": recovered,
-                       "seconds": round(secs, 3),
+                       "runs": runs[n], "seconds": round(secs, 3),
                        "ms_per_step": round(1000 * secs / len(steps), 3),
                        "states_per_step": round(states / len(steps), 2),
                        "us_per_state": round(1e6 * secs / states, 1),
@@ -176,7 +193,8 @@ def run_bench(as_json: bool = False, quick: bool = False) -> int:
     qemu_rate = _qemu_img_rate(sc, 5 if quick else 20)
     counts = [2, 5] if quick else [10, 20, 40, 80]
     scaling = _scaling_by_writes(counts if quick else counts + [160], SCALING_BUDGET,
-                                 rounds=1 if quick else 3)
+                                 rounds=1 if quick else 3,
+                                 min_seconds=0.0 if quick else SCALING_WINDOW_S)
     scaling_64 = _scaling_by_writes(counts, sc.explore.max_states_per_step)
     by_pending = _cost_by_pending(sc)
     peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,

@@ -23,3 +23,10 @@ def test_bench_json_has_every_key(require_qemu):
     growth = figures["scaling_by_writes"]["5"]["ms_per_step"] / \
         figures["scaling_by_writes"]["2"]["ms_per_step"]
     assert figures["scaling_growth"] == round(growth, 2)
+
+
+def test_scaling_times_every_length_in_each_round_and_reports_the_runs():
+    from crashsim.bench import _scaling_by_writes
+    rows = _scaling_by_writes([1, 2], budget=4, rounds=2)
+    assert [rows[k]["runs"] for k in ("1", "2")] == [2, 2]
+    assert rows["2"]["steps"] > rows["1"]["steps"] > 0
