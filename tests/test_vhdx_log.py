@@ -17,6 +17,7 @@ from crashsim.writers.vhdx.log import (BlockIO, HeaderSession, LogBusy, LogWrite
                                       sector_updates)
 from crashsim.writers.vhdx.replay import (FIXED_POLICY, QEMU_POLICY, ReplayPolicy, replay,
                                           scan_log)
+from crashsim.writers.vhdx import replay
 from crashsim.writers.vhdx.writer import VhdxWriter
 
 MiB = f.MiB
@@ -123,6 +124,36 @@ def test_replay_of_an_entry_that_wraps_around_the_log_end():
     assert "wrapped-entry" in res.branches and res.replayed_entries == 1
     assert any("wraps to the log start" in d for d in res.decisions)
     assert img.read(PAYLOAD, len(data)) == data
+
+
+def test_a_scans_decisions_are_its_candidates_in_order_whether_pages_are_whole_or_not():
+    """Whole pages add their decision lines and branches as worked out once; a page
+    with an entry running past its end is gone through entry by entry. Both give what
+    describing every candidate in log order gives, on logs with torn bytes too."""
+    img = _image()
+    w = _writer(img)
+    rng = random.Random(5)
+    for i in range(40):  # entries of 2 to 8 sectors: some cross a 64 KiB page's end
+        run_sync(w.log_write(PAYLOAD + rng.randrange(0, 56) * 4096,
+                             bytes([i % 250 + 1]) * rng.randrange(1, 7 * 4096)))
+    _crash_before_apply(img, PAYLOAD, bytes(range(1, 256)) * 257, w)  # valid, crossing
+    h = _current(img)
+    heads = [c.position for c in scan_log(BlockIO(ImageDevice(img)), h).candidates]
+    for trial in range(6):
+        state = img.fork()
+        for _ in range(trial * 3):  # tear a few log sectors and entry lengths
+            at = h.log_offset + rng.randrange(0, h.log_length // 512) * 512
+            state.write(at, bytes(rng.randrange(256) for _ in range(512)))
+            state.write(h.log_offset + rng.choice(heads) + 8, struct.pack("<I", 4097))
+        io = BlockIO(ImageDevice(state))
+        pages = list(replay._log_pages(io, h))
+        whole = [replay._page_items(b, i * replay.SCAN_CHUNK_BYTES, h, ReplayPolicy(),
+                                    False).whole for i, b in enumerate(pages)]
+        assert any(whole) and not all(whole)
+        scan = scan_log(io, h)
+        described = [c._describe(h.log_length) for c in scan.candidates]
+        assert scan.notes == [line for line, _ in described]
+        assert scan.note_branches == list(dict.fromkeys(b for _, b in described if b))
 
 
 def test_pending_entries_form_one_sequence_with_tail_at_the_first():

@@ -133,6 +133,30 @@ class LogScan:
     runs: list[Run]
     active: Run | None
     empty_sectors: int
+    notes: list[str] = field(default_factory=list)  # one decision line per candidate
+    note_branches: list[str] = field(default_factory=list)  # theirs, each once, in order
+
+
+@dataclass(frozen=True)
+class _Page:
+    """The candidates of one log page and, when none depends on bytes outside it, what
+    they add to a scan, worked out once: a full log holds over a hundred entries, and
+    going through them one by one for every crash state made a long workload's
+    recoveries cost more than a short one's."""
+    items: tuple[Candidate | tuple[int, LogEntryHeader], ...]
+    whole: bool = False
+    notes: tuple[str, ...] = ()
+    branches: tuple[str, ...] = ()
+    valid: tuple[Candidate, ...] = ()
+
+    @classmethod
+    def of(cls, items: tuple, log_length: int) -> "_Page":
+        if not all(type(c) is Candidate for c in items):
+            return cls(items)
+        noted = [c.note(log_length) for c in items]
+        return cls(items, True, tuple(line for line, _ in noted),
+                   tuple(dict.fromkeys(b for _, b in noted if b)),
+                   tuple(c for c in items if c.valid))
 
 
 # -- scanning ---------------------------------------------------------------------------
@@ -203,19 +227,36 @@ def _log_pages(io: BlockIO | BlockDevice, header: Header) -> Iterator[bytes]:
 
 def _scan_pages(io: BlockIO | BlockDevice, header: Header, policy: ReplayPolicy,
                 pages: Iterable[bytes], memo: bool = True) -> LogScan:
-    cands = []
+    cands: list[Candidate] = []
+    notes: list[str] = []
+    branches: list[str] = []
+    valid: list[Candidate] = []
     for i, blob in enumerate(pages):
-        for item in _page_items(blob, i * SCAN_CHUNK_BYTES, header, policy, memo):
+        page = _page_items(blob, i * SCAN_CHUNK_BYTES, header, policy, memo)
+        if page.whole:
+            cands += page.items
+            notes += page.notes
+            branches += page.branches
+            valid += page.valid
+            continue
+        for item in page.items:
             if type(item) is not Candidate:  # an entry that runs past this page
                 item = _check_candidate(io, item[0], item[1], header, policy)
             cands.append(item)
+            line, branch = item.note(header.log_length)
+            notes.append(line)
+            if branch:
+                branches.append(branch)
+            if item.valid:
+                valid.append(item)
     empty = -(-header.log_length // LOG_SECTOR) - len(cands)
-    runs = _build_runs([c for c in cands if c.valid], header.log_length, policy)
-    return LogScan(header, cands, runs, _choose(runs, policy), empty)
+    runs = _build_runs(valid, header.log_length, policy)
+    return LogScan(header, cands, runs, _choose(runs, policy), empty, notes,
+                   list(dict.fromkeys(branches)))
 
 
 def _page_items(blob: bytes, start: int, header: Header, policy: ReplayPolicy,
-                memo: bool = True) -> tuple[Candidate | tuple[int, LogEntryHeader], ...]:
+                memo: bool = True) -> _Page:
     """The candidates whose bytes lie in this page, in log order. An entry that runs
     past the page's end (and any after it) is left as (position, header) for the caller
     to check, since its validity depends on bytes outside the page."""
@@ -240,7 +281,8 @@ def _page_items(blob: bytes, start: int, header: Header, policy: ReplayPolicy,
         else:
             found.append(_entry_candidate(blob[rel:rel + h.entry_length], pos, h,
                                           header.log_offset, policy))
-    return _PAGES.put(key, tuple(found)) if memo else tuple(found)
+    page = _Page.of(tuple(found), header.log_length)
+    return _PAGES.put(key, page) if memo else page
 
 
 SCAN_CHUNK_BYTES = 64 << 10  # one sealed page: read without joining or copying
@@ -364,11 +406,9 @@ def _choose(runs: list[Run], policy: ReplayPolicy) -> Run | None:
 # -- decisions --------------------------------------------------------------------------
 def describe_scan(scan: LogScan, res: ReplayResult) -> None:
     """One decision line per candidate entry and per sequence."""
-    for c in scan.candidates:
-        line, branch = c.note(scan.header.log_length)
-        res.decisions.append(line)
-        if branch:
-            res.branch(branch)
+    res.decisions += scan.notes
+    for branch in scan.note_branches:
+        res.branch(branch)
     for r in scan.runs:
         if r.replay_from is None:
             res.decisions.append(f"{r.describe()}: head's Tail {r.head.header.tail:#x} is "
