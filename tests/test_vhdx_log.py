@@ -17,7 +17,7 @@ from crashsim.writers.vhdx.log import (BlockIO, HeaderSession, LogBusy, LogWrite
                                       sector_updates)
 from crashsim.writers.vhdx.replay import (FIXED_POLICY, QEMU_POLICY, ReplayPolicy, replay,
                                           scan_log)
-from crashsim.writers.vhdx import replay
+from crashsim.writers.vhdx import replay as replay_module
 from crashsim.writers.vhdx.writer import VhdxWriter
 
 MiB = f.MiB
@@ -146,9 +146,10 @@ def test_a_scans_decisions_are_its_candidates_in_order_whether_pages_are_whole_o
             state.write(at, bytes(rng.randrange(256) for _ in range(512)))
             state.write(h.log_offset + rng.choice(heads) + 8, struct.pack("<I", 4097))
         io = BlockIO(ImageDevice(state))
-        pages = list(replay._log_pages(io, h))
-        whole = [replay._page_items(b, i * replay.SCAN_CHUNK_BYTES, h, ReplayPolicy(),
-                                    False).whole for i, b in enumerate(pages)]
+        pages = list(replay_module._log_pages(io, h))
+        chunk = replay_module.SCAN_CHUNK_BYTES
+        whole = [replay_module._page_items(b, i * chunk, h, ReplayPolicy(), False).whole
+                 for i, b in enumerate(pages)]
         assert any(whole) and not all(whole)
         scan = scan_log(io, h)
         described = [c._describe(h.log_length) for c in scan.candidates]
