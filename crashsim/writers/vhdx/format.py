@@ -101,6 +101,13 @@ def _guid(raw: bytes) -> uuid.UUID:
     return _guid_of(bytes(raw))
 
 
+@functools.lru_cache(maxsize=4096)
+def guid_text(guid: uuid.UUID) -> str:
+    """str(guid), shared: a full log rejects dozens of stale entries per recovery, each
+    with a message naming two GUIDs, and UUID formats itself in Python."""
+    return str(guid)
+
+
 def parse_cache(maxsize: int = 256):
     """Memoise a pure parser of bytes. Judging opens each crash state three times and
     most states share their headers, region table and metadata, so the same bytes are
@@ -631,10 +638,12 @@ def check_entry_header(h: LogEntryHeader, *, log_length: int, log_guid: uuid.UUI
         raise VhdxCorrupt("entry sequence number is 0", offset + 16, "zero-sequence")
     if log_guid == ZERO_GUID:
         raise VhdxCorrupt(f"the header's LogGuid is zero (no active log), so entry "
-                          f"GUID {h.log_guid} is stale", offset + 32, "guid-mismatch")
-    if h.log_guid != log_guid:
-        raise VhdxCorrupt(f"entry log GUID {h.log_guid} does not match the header's "
-                          f"LogGuid {log_guid} (stale entry)", offset + 32, "guid-mismatch")
+                          f"GUID {guid_text(h.log_guid)} is stale", offset + 32,
+                          "guid-mismatch")
+    if h.log_guid is not log_guid and h.log_guid != log_guid:
+        raise VhdxCorrupt(f"entry log GUID {guid_text(h.log_guid)} does not match the "
+                          f"header's LogGuid {guid_text(log_guid)} (stale entry)",
+                          offset + 32, "guid-mismatch")
     if h.descriptor_count * 32 > h.entry_length:
         raise VhdxCorrupt(f"{h.descriptor_count} descriptors do not fit in an entry of "
                           f"{h.entry_length:#x} bytes", offset + 24, "descriptor-count")

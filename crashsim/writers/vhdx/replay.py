@@ -33,7 +33,8 @@ from ...image import SparseImage
 from .format import (HEADER_SLOTS, LOG_SECTOR, ZERO_GUID, Header, LogEntry, LogEntryHeader,
                      MiB, VhdxCorrupt, check_data_sector, check_entry_header, check_layout,
                      check_log_geometry, entry_checksum_ok, parse_descriptors,
-                     MAX_REPLAY_ZERO_BYTES, parse_cache, parse_log_entry_header, round_up)
+                     MAX_REPLAY_ZERO_BYTES, guid_text, parse_cache, parse_log_entry_header,
+                     round_up)
 from .log import BlockIO, HeaderSession, apply_entry, as_io
 
 
@@ -432,7 +433,7 @@ def replay(dev: BlockDevice | BlockIO, *, policy: ReplayPolicy = ReplayPolicy(),
     header = headers.current
     slot_offset = HEADER_SLOTS[headers.slot]
     res.decisions.append(f"current header: slot {headers.slot + 1}, seq "
-                         f"{header.sequence_number}, LogGuid {header.log_guid}")
+                         f"{header.sequence_number}, LogGuid {guid_text(header.log_guid)}")
     check_log_geometry(header, slot_offset)
     if header.log_guid == ZERO_GUID or header.log_length == 0:
         why = "LogGuid is zero" if header.log_guid == ZERO_GUID else "LogLength is 0"
