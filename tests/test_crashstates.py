@@ -519,3 +519,31 @@ def test_a_frozen_image_keeps_its_content_when_the_image_is_written_on():
     assert frozen.read(2 * S, S) == b"\x03" * S
     assert work.frozen(max_sectors=1) is None  # too much above the sealed layer
     assert base.frozen() is base
+
+
+@settings(max_examples=80, deadline=None, database=None)
+@given(st.lists(st.tuples(st.sampled_from(["write", "grow", "shrink"]),
+                          st.integers(0, 300), st.integers(1, 40)), min_size=1, max_size=25))
+def test_an_image_that_grows_and_shrinks_reads_like_a_flat_copy(ops):
+    """The page index of a layer survives growth (no sector goes) and is rebuilt after
+    a shrink; either way every read answers as a plain byte array would."""
+    base = SparseImage(64 * 512)
+    base.write(0, bytes(range(256)) * 64)  # more sectors than a small layer: indexed
+    base.seal()
+    img = base.fork()
+    flat = bytearray(base.read(0, base.size_bytes))
+    for op, at, n in ops:
+        if op == "write":
+            data = bytes([at % 251 + 1]) * (n * 512)
+            img.write(at * 512, data)  # past the end, a write grows the image
+            flat.extend(bytes(max(0, at * 512 - len(flat))))
+            flat[at * 512:at * 512 + len(data)] = data
+        elif op == "grow":
+            img.resize(img.size_bytes + n * 512)
+            flat.extend(bytes(n * 512))
+        else:
+            size = max(0, img.size_bytes - n * 512)
+            img.resize(size)
+            del flat[size:]
+        assert img.size_bytes == len(flat)
+        assert img.read(0, len(flat)) == bytes(flat)
