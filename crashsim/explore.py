@@ -7,6 +7,7 @@ Failing states are then shrunk in the parent, one per distinct violation.
 """
 from __future__ import annotations
 
+import gc
 import math
 from bisect import bisect_left
 from collections import Counter
@@ -432,6 +433,10 @@ def _explore_pool(ctx: Context, todo: list[int], workers: int,
         except BrokenProcessPool:
             return False
 
+    # Frozen objects are left out of collections, so a forked worker's collector does
+    # not write to every object it inherits (copying each page it touches): a 2-worker
+    # run took 2 to 3% less CPU time (median of 16 paired runs of 40 writes).
+    gc.freeze()  # workers fork at the first submit
     try:
         broken = not all([submit() for _ in range(2 * workers)])
         while pending:
@@ -453,6 +458,7 @@ def _explore_pool(ctx: Context, todo: list[int], workers: int,
         raise
     finally:
         _FORKED_FROM = None
+        gc.unfreeze()
     lost = [p for p in todo if p not in judged]
     if lost:
         rejudge_lost(ctx, [lost[i:i + per_slice] for i in range(0, len(lost), per_slice)],

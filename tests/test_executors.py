@@ -135,3 +135,15 @@ def test_quiet_points_follow_flushes_with_nothing_in_flight():
                      ("flush_complete", 4)]:
         t.add_step(kind, io)
     assert quiet_points(t) == [4, 10]  # the flush at step 6 completed with io 2 in flight
+
+
+def test_a_pool_run_leaves_nothing_frozen_out_of_garbage_collection():
+    """Objects are frozen while workers fork (so their collectors leave the inherited
+    heap alone) and unfrozen after the run."""
+    import gc
+    from crashsim.bench import bench_scenario
+    from crashsim.explore import build_context, explore_all
+    ctx = build_context(bench_scenario(2, 4))
+    assert gc.get_freeze_count() == 0
+    steps = explore_all(ctx, 2)
+    assert gc.get_freeze_count() == 0 and len(steps) == ctx.trace.n_steps + 1
