@@ -362,8 +362,7 @@ class _Builder:
         self.shared = True
         durable = self.layers[-1].seal()  # shared from now on, so never written again
         if self.last_sealed is not None and self.last_sealed is not durable:
-            durable.inherit_pages(self.last_sealed)
-            self.last_sealed.drop_pages()  # keep one step's page cache, not every step's
+            durable.take_pages(self.last_sealed)  # one step's page cache, not every step's
         self.last_sealed = durable
         return StepStates(self.trace, p, durable, self.hash,
                           _PrefixView(self.durable_list, len(self.durable_list)),

@@ -50,18 +50,21 @@ class SparseImage:
     def sealed(self) -> bool:
         return self._pages is not None
 
-    def inherit_pages(self, older: "SparseImage") -> None:
-        """Start this sealed layer's cache with the pages of ``older``, an ancestor,
-        that no layer in between changes: consecutive steps differ in a few pages, and
-        rebuilding all the others every step would cost more than judging."""
+    def take_pages(self, older: "SparseImage") -> None:
+        """Move the page cache of ``older``, an ancestor, to this sealed layer, less
+        the pages a layer in between changes; ``older`` keeps an empty cache (rebuilt
+        on demand). Consecutive steps differ in a few pages, and rebuilding all the
+        others every step would cost more than judging; copying the cache instead of
+        moving it cost time in proportion to the pages a long workload had read."""
         if self._pages is None or older._pages is None or older is self:
             return
+        pages, older._pages = older._pages, {}
         changed = self.changes_between(older, max_layers=64)
         if changed is None:
             return  # no shared layer near: start empty
-        pages = dict(older._pages)  # copied in C: a long workload caches many pages
         for p in changed:
             pages.pop(p, None)
+        pages.update(self._pages)
         self._pages = pages
 
     def changes_between(self, other: "SparseImage", max_layers: int = 8
@@ -127,11 +130,6 @@ class SparseImage:
         twin = self._twin() if self._twin is not None else None
         merged._twin = weakref.ref(twin if twin is not None else self)
         return merged
-
-    def drop_pages(self) -> None:
-        """Free the read cache (it is rebuilt on demand; the layer stays sealed)."""
-        if self._pages:
-            self._pages = {}
 
     def _check_writable(self) -> None:
         if self._pages is not None:
