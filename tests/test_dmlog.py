@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from crashsim.dmlog import (DISCARD, FLUSH, FUA, MARK, METADATA, DmLog, DmLogError,
+from crashsim.dmlog import (FLUSH, FUA, MARK, METADATA, DmLog, DmLogError,
                             LogEntry, discard_entry, flush_entry, mark_entry, read_log,
                             record_qemu, replay, to_trace, write_entry, write_log)
 from crashsim.external import CommandFailed, ToolMissing

@@ -8,8 +8,6 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import pytest
-
 from crashsim.results import dumps
 from crashsim.runner import run_one
 from crashsim.scenario import load_scenario
