@@ -58,15 +58,12 @@ class RangeViews:
         seen = self._seen
         read = {i: _read_range(drv, *ranges[i]) for i in redo}
         parts = seen.parts.replaced({i: r[0] for i, r in read.items()})
-        bat_of = seen.bat_of.replaced({i: r[1] for i, r in read.items()})
         spans = seen.spans.replaced({i: r[2] for i, r in read.items()})
         self.ranges_read += len(redo)
         self.ranges_reused += len(ranges) - len(redo)
-        if any(bat_of[i] != seen.bat_of[i] for i in redo):
-            self._keep(image, ranges, shape, drv.bat, parts, bat_of, spans)
-        else:
-            moved = [i for i in redo if spans[i] != seen.spans[i]]
-            self._keep(image, ranges, shape, drv.bat, parts, bat_of, spans, seen, moved)
+        # A range's BAT indices follow from its offset and the shape, equal here.
+        moved = [i for i in redo if spans[i] != seen.spans[i]]
+        self._keep(image, ranges, shape, drv.bat, parts, seen.bat_of, spans, seen, moved)
         _note(dev, self._seen.group if self._seen is not None else
               ReadGroup(chain.from_iterable(spans)))
         return parts
@@ -105,10 +102,11 @@ class RangeViews:
 
     def _keep(self, image, ranges, shape, bat, parts, bat_of, spans,
               prev: _Seen | None = None, moved: list[int] | None = None) -> None:
-        """Keep this view for the next. From ``prev``, the last one read through the
-        same BAT indices, only the ranges ``moved`` to other file spans change the
-        indices: a long workload flips between states with a block allocated and
-        not, and rebuilding them every time cost in proportion to its length."""
+        """Keep this view for the next. From ``prev``, the last one (read with the same
+        shape, so through the same BAT indices), only the ranges ``moved`` to other
+        file spans change the indices: a long workload flips between states with a
+        block allocated and not, and rebuilding them every time cost in proportion to
+        its length."""
         frozen = image.frozen() if image is not None else None
         if frozen is None:
             self._seen = None
