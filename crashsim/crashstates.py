@@ -340,6 +340,10 @@ class _Builder:
         self.layers = [trace.base.fork()]  # durable overlays over the base, bottom first
         self.shared = False
         self.last_sealed: SparseImage | None = None
+        # The durable content as one map, lent to the step's sealed layer: reads of a
+        # durable sector no longer walk a stack of layers that deepens with the trace.
+        self.flat: dict[int, bytes] = trace.base.changed_sectors()
+        self.flat_lent_to: SparseImage | None = None
         self.hash = image_hash(trace.base)
         self.submit: dict[int, int] = {}
         self.complete: dict[int, int] = {}
@@ -364,6 +368,9 @@ class _Builder:
         if self.last_sealed is not None and self.last_sealed is not durable:
             durable.take_pages(self.last_sealed)  # one step's page cache, not every step's
         self.last_sealed = durable
+        if self.flat_lent_to is not durable:
+            durable.lend_flat(self.flat)
+            self.flat_lent_to = durable
         return StepStates(self.trace, p, durable, self.hash,
                           _PrefixView(self.durable_list, len(self.durable_list)),
                           dict(self.pending), dict(self.hist))
@@ -475,7 +482,7 @@ class _Builder:
         for x in range(w.offset // SECTOR_BYTES, (w.end - 1) // SECTOR_BYTES + 1):
             full = w.offset <= x * SECTOR_BYTES and w.end >= (x + 1) * SECTOR_BYTES
             hist = self.sector_hist.get(x)
-            current = self.layers[-1].sector(x)
+            current = self.flat.get(x, _ZERO)
             if hist is None or c > hist[-1][0]:
                 if hist is None or full:
                     if not full:
@@ -501,11 +508,19 @@ class _Builder:
             self._writable().size_bytes = w.end
 
     def _set_sector(self, x: int, data: bytes) -> None:
-        old = self.layers[-1].sector(x)
+        old = self.flat.get(x, _ZERO)
         if old == data:
             return
         self._writable().put_sector(x, data)
+        self._take_flat_back()[x] = data
         self.hash = (self.hash - sector_hash(x, old) + sector_hash(x, data)) & _MASK
+
+    def _take_flat_back(self) -> dict[int, bytes]:
+        """The flat map, no longer lent: the layer it was lent to reads as before."""
+        if self.flat_lent_to is not None:
+            self.flat_lent_to.lend_flat(None)
+            self.flat_lent_to = None
+        return self.flat
 
     def _supplier_submit(self, x: int) -> int:
         hist = self.sector_hist.get(x)
@@ -532,6 +547,8 @@ class _Builder:
         shrink = size_bytes < top.size_bytes
         top.resize(size_bytes)
         if shrink:
+            self._take_flat_back()
+            self.flat = top.changed_sectors()  # rare: a shrink cuts and masks sectors
             # Sectors cut or truncated by the shrink start a new history.
             for x in [x for x in self.sector_hist if x >= size_bytes // SECTOR_BYTES]:
                 del self.sector_hist[x]

@@ -10,6 +10,11 @@ through four or more layers). A layer can be *sealed*: a promise that it and its
 never change again. A read then takes the bulk of its bytes from the sealed layer's cache
 of flattened 64 KiB pages and patches in only the sectors the thin layers above it hold,
 instead of walking the whole chain once per sector.
+
+A sealed layer may also be lent a *flat map*: every visible sector of its chain in one
+dict, kept by whoever builds the chain (the step walker, which has the durable content
+at hand anyway). A sector read then stops there instead of walking a chain that deepens
+with the workload. The lender takes the map back before it changes it.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ _ZERO_PAGE = bytes(SECTOR_BYTES * PAGE_SECTORS)
 class SparseImage:
     """A byte-addressed image made of 512-byte sectors; absent sectors read as zero."""
 
-    __slots__ = ("sectors", "parent", "size_bytes", "_pages", "_index", "_twin",
+    __slots__ = ("sectors", "parent", "size_bytes", "_pages", "_index", "_twin", "_flat",
                  "__weakref__")
 
     def __init__(self, size_bytes: int = 0, parent: "SparseImage | None" = None):
@@ -38,6 +43,7 @@ class SparseImage:
         self._pages: dict[int, bytes] | None = None  # None: not sealed
         self._index: dict[int, list[int]] | None = None  # page -> its sectors held here
         self._twin: weakref.ref | None = None  # a merged-away layer with this content
+        self._flat: dict[int, bytes] | None = None  # lent: the chain's visible sectors
 
     # -- sealing --------------------------------------------------------------------
     def seal(self) -> "SparseImage":
@@ -49,6 +55,14 @@ class SparseImage:
     @property
     def sealed(self) -> bool:
         return self._pages is not None
+
+    def lend_flat(self, flat: dict[int, bytes] | None) -> None:
+        """Lend this sealed layer ``flat``, which must map every sector of its chain's
+        visible content (absent ones read as zero), or take a lent map back (None). The
+        lender must take it back before changing it: the layer trusts it as it is."""
+        if flat is not None and self._pages is None:
+            raise RuntimeError("a flat map is lent to sealed layers only")
+        self._flat = flat
 
     def take_pages(self, older: "SparseImage") -> None:
         """Move the page cache of ``older``, an ancestor, to this sealed layer, less
@@ -181,6 +195,9 @@ class SparseImage:
     def sector(self, index: int) -> bytes:
         layer: SparseImage | None = self
         while layer is not None:
+            flat = layer._flat
+            if flat is not None:
+                return flat.get(index, _ZERO_SECTOR)
             data = layer.sectors.get(index)
             if data is not None:
                 return data
@@ -244,6 +261,12 @@ class SparseImage:
     def _build_page(self, p: int) -> bytes:
         first = p * PAGE_SECTORS
         last = first + PAGE_SECTORS - 1
+        if self._flat is not None:
+            get = self._flat.get
+            found = [get(i) for i in range(first, last + 1)]
+            if not any(found):
+                return _ZERO_PAGE
+            return b"".join([_ZERO_SECTOR if d is None else d for d in found])
         patches = _sectors_in(list(self._layers()), first, last)
         if not patches:
             return _ZERO_PAGE
