@@ -20,7 +20,7 @@ from . import crashstates
 from .blockdev import ImageDevice, run_sync
 from .device import DeviceConfig, simulate
 from .interrupt import quiet_worker_signals
-from .lanes import Lanes
+from .lanes import IDLE_POLL_S, Lanes
 from .memory import MemoryCap
 from .model import RangeModel
 from .oracle import Judge, Verdict
@@ -256,7 +256,7 @@ def _run_slice(max_points: int) -> list[StepResult]:
     if _LANE is None:
         _LANE = _LANES.join()
     lanes, lane = _LANES, _LANE
-    return judge_claimed(_WORKER, lambda: lanes.claim(lane), max_points)
+    return judge_claimed(_WORKER, lambda: lanes.claim(lane, IDLE_POLL_S), max_points)
 
 
 def judge_claimed(ctx: Context, claim: Callable[[], int | None],

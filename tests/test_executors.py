@@ -1,6 +1,8 @@
 """Serial, process-pool and Dask LocalCluster runs give byte-identical results.json."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from crashsim.results import dumps
@@ -75,6 +77,55 @@ def test_lanes_give_out_every_point_once_whatever_the_order_of_claims():
             else:
                 claimed.append(p)
         assert sorted(claimed) == points, seed
+
+
+def test_a_thief_takes_points_only_where_judging_them_is_worth_its_walk():
+    from crashsim.lanes import WALK_STEPS_PER_POINT, Lanes
+    assert WALK_STEPS_PER_POINT == 16  # the figures below assume it
+    lanes = Lanes(list(range(400)), 2)  # lanes 0-199 and 200-399
+    assert [lanes.claim(1) for _ in range(200)] == list(range(200, 400))
+    assert [lanes.claim(0) for _ in range(190)] == list(range(190))
+    # 190-199 left: taking 195-199 means walking back from step 0 to 195; 5 * 16 < 195
+    assert lanes.claim(1) is None
+    assert [lanes.claim(0) for _ in range(10)] == list(range(190, 200))
+    early = Lanes(list(range(400)), 2)
+    assert [early.claim(1) for _ in range(200)] == list(range(200, 400))
+    assert early.claim(0) == 0
+    assert early.claim(1) == 100  # 1-199 left: 100 points are worth a walk of 100 steps
+    # Forward, the walk is the distance: one point is not worth 999 steps.
+    sparse = Lanes([0, 1, 2, 3, 1000, 1001], 2)  # lanes 0-2 and 3, 1000, 1001
+    assert [sparse.claim(0) for _ in range(3)] == [0, 1, 2]
+    assert sparse.claim(1) == 3
+    assert sparse.claim(0) is None
+    assert [sparse.claim(1), sparse.claim(1)] == [1000, 1001]
+
+
+def test_a_worker_with_nothing_worth_taking_waits_until_every_point_is_claimed():
+    """It must not give up early: the pool stops handing out tasks after a short slice,
+    and a task the idle worker took and dropped would leave the owner without one."""
+    import multiprocessing
+    from crashsim.lanes import Lanes
+    mp = multiprocessing.get_context("fork")
+    lanes = Lanes.shared(list(range(400)), 2, mp=mp)
+    owner_near_end, out = mp.Event(), mp.Queue()
+    thief = mp.Process(target=_claim_after, args=(lanes, owner_near_end, out))
+    thief.start()
+    mine = [lanes.claim(0) for _ in range(197)]
+    owner_near_end.set()
+    time.sleep(0.2)  # the thief, done with its lane, looks at 197-199 meanwhile
+    mine += [lanes.claim(0) for _ in range(3)]
+    claimed, left_when_done = out.get(timeout=60)
+    thief.join(60)
+    assert mine == list(range(200)) and claimed == list(range(200, 400))
+    assert left_when_done == 0
+
+
+def _claim_after(lanes, go, out) -> None:
+    go.wait(60)
+    claimed = []
+    while (p := lanes.claim(1, wait_s=0.001)) is not None:
+        claimed.append(p)
+    out.put((claimed, lanes.left()))
 
 
 def test_lane_splits_move_to_quiet_points_within_an_eighth_of_the_range():
