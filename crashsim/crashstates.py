@@ -610,6 +610,11 @@ class StepWalker:
         self._b: _Builder | None = None
         self._at = 0  # the crash point the builder stands at
 
+    @property
+    def at(self) -> int | None:
+        """The crash point the walker stands at; None before its first walk."""
+        return None if self._b is None else self._at
+
     def steps(self, first: int = 0) -> Iterator[StepStates]:
         """The crash states of every step p = first .. n; stop when you like."""
         if self._b is None or first < self._at:

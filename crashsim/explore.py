@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import math
+import time
 from bisect import bisect_left
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -20,7 +21,7 @@ from . import crashstates
 from .blockdev import ImageDevice, run_sync
 from .device import DeviceConfig, simulate
 from .interrupt import quiet_worker_signals
-from .lanes import IDLE_POLL_S, Lanes
+from .lanes import IDLE_POLL_S, WALK_STEPS_PER_POINT, Lanes
 from .memory import MemoryCap
 from .model import RangeModel
 from .oracle import Judge, Verdict
@@ -236,6 +237,7 @@ class ExploreInterrupted(KeyboardInterrupt):
 _FORKED_FROM: Context | None = None  # the parent's context while its pool starts
 _LANES: Lanes | None = None  # a pool worker's share of the crash points
 _LANE: int | None = None
+_PACE: "Pace | None" = None
 
 
 def _init_worker(scenario: Scenario, trace: Trace, lanes: Lanes | None = None) -> None:
@@ -251,26 +253,50 @@ def _init_worker(scenario: Scenario, trace: Trace, lanes: Lanes | None = None) -
 
 def _run_slice(max_points: int) -> list[StepResult]:
     """Up to ``max_points`` crash points of this worker's lane (or stolen ones)."""
-    global _LANE
+    global _LANE, _PACE
     assert _WORKER is not None and _LANES is not None
     if _LANE is None:
-        _LANE = _LANES.join()
-    lanes, lane = _LANES, _LANE
-    return judge_claimed(_WORKER, lambda: lanes.claim(lane, IDLE_POLL_S), max_points)
+        _LANE, _PACE = _LANES.join(), Pace()
+    lanes, lane, pace = _LANES, _LANE, _PACE
+    return judge_claimed(_WORKER, lambda: lanes.claim(lane, IDLE_POLL_S, pace.ratio()),
+                         max_points, pace)
+
+
+class Pace:
+    """What walking a step and judging a crash point have cost this worker so far: a
+    thief weighs a steal by them (points judged by an external tool cost thousands of
+    steps; the bench's cost a few dozen)."""
+
+    def __init__(self) -> None:
+        self.walk_s = self.judge_s = 0.0
+        self.steps = self.points = 0
+
+    def ratio(self) -> float:
+        if not (self.steps and self.points and self.walk_s > 0):
+            return WALK_STEPS_PER_POINT
+        return (self.judge_s / self.points) / (self.walk_s / self.steps)
 
 
 def judge_claimed(ctx: Context, claim: Callable[[], int | None],
-                  max_points: int) -> list[StepResult]:
+                  max_points: int, pace: Pace | None = None) -> list[StepResult]:
     """Judge the crash points ``claim`` gives, in the order given, under the memory
     cap, until it gives None or ``max_points`` are done."""
     cap = MemoryCap(ctx.scenario.explore.max_memory_mib, ctx.judge)
+    pace = pace or Pace()
     out: list[StepResult] = []
     while len(out) < max_points:
         p = claim()
         if p is None:
             break
+        at = ctx.walker.at if ctx.walker is not None else None
+        t0 = time.perf_counter()
         st = next(ctx.steps_from(p))
+        t1 = time.perf_counter()
         out.append(capped_step(ctx, st) if cap.exceeded() else _explore_step(ctx, st))
+        pace.walk_s += t1 - t0
+        pace.steps += p - at if at is not None and at <= p else p
+        pace.judge_s += time.perf_counter() - t1
+        pace.points += 1
     return out
 
 

@@ -11,8 +11,8 @@ while the other finished.
 
 A steal costs the thief a walk: forward from its last point to the first point it
 takes, or from step 0 when that point lies behind it (a walker cannot step back). A
-thief takes points only when judging them is worth more than the walk; otherwise it
-stops and the owner finishes. Taking the last few points of the lane below, after a
+thief takes points only when judging them is worth more than the walk, as the worker
+has measured the two so far; otherwise it waits and the owner finishes. Taking the last few points of the lane below, after a
 walk back over half the trace, had made the thief the last to finish.
 
 Which worker judges which point never changes a result; only the order of the work
@@ -27,8 +27,8 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import MutableSequence
 
 SPLIT_REACH = 8  # a split moves to a quiet point an eighth of the range away at most
-# Judging a crash point costs about as much as walking this many steps of the trace
-# (bench workload: 0.6 ms per point at a budget of 8 states, 36 us per step walked).
+# Until a worker has measured its own: judging a crash point costs about as much as
+# walking this many steps (bench workload: 0.6 to 1.7 ms per point, 36 us per step).
 WALK_STEPS_PER_POINT = 16
 IDLE_POLL_S = 0.002  # how often a worker with nothing worth taking looks again
 
@@ -69,24 +69,26 @@ class Lanes:
             self._bounds[2 * self._n_lanes] = k + 1
             return k % self._n_lanes
 
-    def claim(self, lane: int, wait_s: float | None = None) -> int | None:
+    def claim(self, lane: int, wait_s: float | None = None,
+              steps_per_point: float = WALK_STEPS_PER_POINT) -> int | None:
         """The next crash point for the worker of ``lane``; None once every point is
         claimed. A worker with no point worth taking yet waits for the others to claim
         theirs, polling every ``wait_s``: it must not return early, or the pool would
         stop handing out tasks the owners still need. With ``wait_s`` None (one process
-        claiming for every lane) it returns None at once instead."""
+        claiming for every lane) it returns None at once instead. ``steps_per_point``:
+        how many steps walked cost as much as judging one point."""
         while True:
             with self._lock:
-                point = self._claim_locked(lane)
+                point = self._claim_locked(lane, steps_per_point)
                 if point is not None or wait_s is None or self._left_locked() == 0:
                     return point
             time.sleep(wait_s)
 
-    def _claim_locked(self, lane: int) -> int | None:
+    def _claim_locked(self, lane: int, steps_per_point: float) -> int | None:
         b = self._bounds
         lo, hi = b[2 * lane], b[2 * lane + 1]
         if lo >= hi:
-            lo, hi = self._steal(lane)
+            lo, hi = self._steal(lane, steps_per_point)
             if lo >= hi:
                 return None
         b[2 * lane], b[2 * lane + 1] = lo + 1, hi
@@ -102,7 +104,7 @@ class Lanes:
         return sum(max(0, self._bounds[2 * i + 1] - self._bounds[2 * i])
                    for i in range(self._n_lanes))
 
-    def _steal(self, lane: int) -> tuple[int, int]:
+    def _steal(self, lane: int, steps_per_point: float) -> tuple[int, int]:
         """The upper half of the largest lane whose points are worth the walk to them."""
         b = self._bounds
         sizes = [b[2 * i + 1] - b[2 * i] for i in range(self._n_lanes)]
@@ -115,7 +117,7 @@ class Lanes:
             size = vhi - vlo
             mid = vlo if size == 1 else self._split(vlo + size // 2, vlo, vhi,
                                                     size // SPLIT_REACH)
-            if (vhi - mid) * WALK_STEPS_PER_POINT > self._walk(lane, self.points[mid]):
+            if (vhi - mid) * steps_per_point > self._walk(lane, self.points[mid]):
                 b[2 * victim + 1] = mid
                 return mid, vhi
         return 0, 0

@@ -80,24 +80,40 @@ def test_lanes_give_out_every_point_once_whatever_the_order_of_claims():
 
 
 def test_a_thief_takes_points_only_where_judging_them_is_worth_its_walk():
-    from crashsim.lanes import WALK_STEPS_PER_POINT, Lanes
-    assert WALK_STEPS_PER_POINT == 16  # the figures below assume it
+    from crashsim.lanes import Lanes
     lanes = Lanes(list(range(400)), 2)  # lanes 0-199 and 200-399
     assert [lanes.claim(1) for _ in range(200)] == list(range(200, 400))
     assert [lanes.claim(0) for _ in range(190)] == list(range(190))
     # 190-199 left: taking 195-199 means walking back from step 0 to 195; 5 * 16 < 195
-    assert lanes.claim(1) is None
-    assert [lanes.claim(0) for _ in range(10)] == list(range(190, 200))
+    assert lanes.claim(1, steps_per_point=16) is None
+    # where judging a point costs as much as walking 100 steps, 5 points are worth it
+    assert lanes.claim(1, steps_per_point=100) == 195
+    assert [lanes.claim(0) for _ in range(5)] == list(range(190, 195))
     early = Lanes(list(range(400)), 2)
     assert [early.claim(1) for _ in range(200)] == list(range(200, 400))
     assert early.claim(0) == 0
-    assert early.claim(1) == 100  # 1-199 left: 100 points are worth a walk of 100 steps
+    assert early.claim(1, steps_per_point=16) == 100  # 1-199 left: worth a 100-step walk
     # Forward, the walk is the distance: one point is not worth 999 steps.
     sparse = Lanes([0, 1, 2, 3, 1000, 1001], 2)  # lanes 0-2 and 3, 1000, 1001
     assert [sparse.claim(0) for _ in range(3)] == [0, 1, 2]
     assert sparse.claim(1) == 3
-    assert sparse.claim(0) is None
+    assert sparse.claim(0, steps_per_point=16) is None
     assert [sparse.claim(1), sparse.claim(1)] == [1000, 1001]
+
+
+def test_a_worker_measures_what_a_step_walked_and_a_point_judged_cost_it():
+    from crashsim.bench import bench_scenario
+    from crashsim.explore import Pace, build_context, judge_claimed
+    from crashsim.lanes import WALK_STEPS_PER_POINT
+    ctx = build_context(bench_scenario(2))
+    pace = Pace()
+    assert pace.ratio() == WALK_STEPS_PER_POINT  # nothing measured yet
+    claims = iter([3, 5, 2, None])
+    out = judge_claimed(ctx, lambda: next(claims), 10, pace)
+    assert [r.step for r in out] == [3, 5, 2]
+    assert (pace.points, pace.steps) == (3, 3 + 2 + 2)  # 2 is behind 5: walked from 0
+    assert pace.walk_s > 0 and pace.judge_s > 0
+    assert pace.ratio() == (pace.judge_s / 3) / (pace.walk_s / 7)
 
 
 def test_a_worker_with_nothing_worth_taking_waits_until_every_point_is_claimed():
