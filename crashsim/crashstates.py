@@ -73,6 +73,16 @@ def sector_hash(index: int, data: bytes) -> int:
     return int.from_bytes(digest.digest(), "little")
 
 
+def _hashes_of(sectors: dict[int, bytes]) -> dict[int, int]:
+    """Each non-zero sector's hash (a zero sector hashes to 0)."""
+    out = {}
+    for x, data in sectors.items():
+        h = sector_hash(x, data)
+        if h:
+            out[x] = h
+    return out
+
+
 def image_hash(image: SparseImage) -> int:
     """The additive content hash of a whole image (sum of its sector hashes)."""
     total = 0
@@ -261,6 +271,8 @@ class StepStates:
         self._unit_hist = unit_hist  # legal candidates per unit -> number of such units
         self._candidates: dict[int, list[int]] | None = None
         self._durable_hashes: dict[int, int] = {}
+        # The walker's sector hashes of the durable content, while it stands at p.
+        self.lent_hashes: dict[int, int] | None = None
         self._deltas: dict[tuple[int, int], tuple[int, int] | None] = {}
 
     def unit_delta(self, io: int, rel: int) -> tuple[int, int] | None:
@@ -279,6 +291,9 @@ class StepStates:
         return out
 
     def durable_sector_hash(self, x: int) -> int:
+        lent = self.lent_hashes
+        if lent is not None:
+            return lent.get(x, 0)
         h = self._durable_hashes.get(x)
         if h is None:
             h = self._durable_hashes[x] = sector_hash(x, self.durable.sector(x))
@@ -342,8 +357,12 @@ class _Builder:
         self.last_sealed: SparseImage | None = None
         # The durable content as one map, lent to the step's sealed layer: reads of a
         # durable sector no longer walk a stack of layers that deepens with the trace.
+        # With it, each sector's hash, lent to the steps: a step's states no longer hash
+        # the durable sectors under their pending units again at every step.
         self.flat: dict[int, bytes] = trace.base.changed_sectors()
+        self.flat_hashes = _hashes_of(self.flat)
         self.flat_lent_to: SparseImage | None = None
+        self.hashes_lent_to: list[StepStates] = []
         self.hash = image_hash(trace.base)
         self.submit: dict[int, int] = {}
         self.complete: dict[int, int] = {}
@@ -371,9 +390,12 @@ class _Builder:
         if self.flat_lent_to is not durable:
             durable.lend_flat(self.flat)
             self.flat_lent_to = durable
-        return StepStates(self.trace, p, durable, self.hash,
+        step = StepStates(self.trace, p, durable, self.hash,
                           _PrefixView(self.durable_list, len(self.durable_list)),
                           dict(self.pending), dict(self.hist))
+        step.lent_hashes = self.flat_hashes
+        self.hashes_lent_to.append(step)
+        return step
 
     def _own(self, io: int) -> PendingWrite:
         pw = self.pending[io]
@@ -508,19 +530,24 @@ class _Builder:
             self._writable().size_bytes = w.end
 
     def _set_sector(self, x: int, data: bytes) -> None:
-        old = self.flat.get(x, _ZERO)
-        if old == data:
+        if self.flat.get(x, _ZERO) == data:
             return
         self._writable().put_sector(x, data)
-        self._take_flat_back()[x] = data
-        self.hash = (self.hash - sector_hash(x, old) + sector_hash(x, data)) & _MASK
+        self._take_flat_back()
+        self.flat[x] = data
+        h = sector_hash(x, data)
+        self.hash = (self.hash - self.flat_hashes.get(x, 0) + h) & _MASK
+        self.flat_hashes[x] = h
 
-    def _take_flat_back(self) -> dict[int, bytes]:
-        """The flat map, no longer lent: the layer it was lent to reads as before."""
+    def _take_flat_back(self) -> None:
+        """The flat map and hashes, no longer lent: the layer and steps they were lent
+        to work as before, from their own layers."""
         if self.flat_lent_to is not None:
             self.flat_lent_to.lend_flat(None)
             self.flat_lent_to = None
-        return self.flat
+        for step in self.hashes_lent_to:
+            step.lent_hashes = None
+        self.hashes_lent_to.clear()
 
     def _supplier_submit(self, x: int) -> int:
         hist = self.sector_hist.get(x)
@@ -549,6 +576,7 @@ class _Builder:
         if shrink:
             self._take_flat_back()
             self.flat = top.changed_sectors()  # rare: a shrink cuts and masks sectors
+            self.flat_hashes = _hashes_of(self.flat)
             # Sectors cut or truncated by the shrink start a new history.
             for x in [x for x in self.sector_hist if x >= size_bytes // SECTOR_BYTES]:
                 del self.sector_hist[x]

@@ -550,10 +550,11 @@ def test_an_image_that_grows_and_shrinks_reads_like_a_flat_copy(ops):
 
 
 def test_a_durable_layer_reads_alike_through_its_lent_flat_map_and_its_layers():
-    """The walker lends each step's durable layer the durable content as one map. Every
-    sector read through it must equal one through the layers: at the step, and at every
-    earlier step after the walker has moved on and changed the map (taken back by then),
-    across partial-sector writes, layer merges and a shrink that cuts written sectors."""
+    """The walker lends each step's durable layer the durable content as one map, and
+    the step its sector hashes. Every sector read and hash through them must equal one
+    through the layers: at the step, and at every earlier step after the walker has
+    moved on and changed them (taken back by then), across partial-sector writes, layer
+    merges and a shrink that cuts written sectors."""
     sectors = 64
     tb = TB(sectors=sectors, fill=0x11)
     rng = __import__("random").Random(3)
@@ -567,15 +568,21 @@ def test_a_durable_layer_reads_alike_through_its_lent_flat_map_and_its_layers():
     lent = 0
     steps = []
     for step in cs.iter_steps(tb.trace):
-        lent += step.durable._flat is not None
+        lent += step.durable._flat is not None and step.lent_hashes is not None
         flat = step.durable.flattened()
         assert [step.durable.sector(x) for x in range(sectors)] == \
             [flat.sector(x) for x in range(sectors)], step.p
+        assert [step.durable_sector_hash(x) for x in range(sectors)] == \
+            [cs.sector_hash(x, flat.sector(x)) for x in range(sectors)], step.p
+        assert step.durable_hash == cs.image_hash(flat), step.p
         steps.append((step, flat))
-    assert lent == len(steps)  # each step read through the map
+    assert lent == len(steps)  # each step read through the map and hashes
     # only the last durable layer (which the last steps share) holds it now
     assert len({id(st.durable) for st, _ in steps if st.durable._flat is not None}) == 1
+    assert all(st.lent_hashes is None for st, _ in steps[:-3])
     for step, flat in steps:
         assert step.durable.read(0, sectors * S) == flat.read(0, sectors * S), step.p
         assert [step.durable.sector(x) for x in range(sectors)] == \
             [flat.sector(x) for x in range(sectors)], step.p
+        assert [step.durable_sector_hash(x) for x in range(sectors)] == \
+            [cs.sector_hash(x, flat.sector(x)) for x in range(sectors)], step.p
