@@ -508,6 +508,26 @@ def test_scan_log_is_read_only():
     assert scan.active is not None and img.content_key() == key
 
 
+def test_a_changed_data_sector_under_an_unchanged_entry_header_is_seen_through_the_memos():
+    """Log pages are memoised on their bytes and entries on theirs: a changed data sector
+    under an unchanged entry header must still make the entry invalid, and an unchanged
+    entry keeps its very candidate."""
+    img = _image()
+    _two_entries(img, [5, 6])
+    header = _current(img)
+    first = scan_log(ImageDevice(img), header, FIXED_POLICY)
+    assert [c.valid for c in first.candidates] == [True, True]
+    torn = img.fork()
+    torn.write(header.log_offset + 4096 + 100, b"\xff")  # in entry 5's data sector
+    again = scan_log(ImageDevice(torn), header, FIXED_POLICY)
+    assert [(c.valid, c.code) for c in again.candidates] == [(False, "checksum"), (True, "")]
+    assert again.candidates[1] is first.candidates[1]  # the same candidate
+    replay_module._PAGES.clear()
+    fresh = scan_log(ImageDevice(torn), header, FIXED_POLICY)
+    assert [(c.valid, c.reason) for c in fresh.candidates] == \
+        [(c.valid, c.reason) for c in again.candidates]
+
+
 def test_scan_memo_gives_the_scan_a_fresh_scan_gives():
     """Log pages' candidates are memoised on the pages' bytes; every crash state of a torn, wrapping log
     scans the same as with the memo emptied first, under every policy."""
