@@ -148,7 +148,7 @@ def test_a_scans_decisions_are_its_candidates_in_order_whether_pages_are_whole_o
         io = BlockIO(ImageDevice(state))
         pages = list(replay_module._log_pages(io, h))
         chunk = replay_module.SCAN_CHUNK_BYTES
-        whole = [replay_module._page_items(b, i * chunk, h, ReplayPolicy(), False).whole
+        whole = [replay_module._page_items(b, i * chunk, h, ReplayPolicy(), None).whole
                  for i, b in enumerate(pages)]
         assert any(whole) and not all(whole)
         scan = scan_log(io, h)
@@ -526,6 +526,18 @@ def test_a_changed_data_sector_under_an_unchanged_entry_header_is_seen_through_t
     fresh = scan_log(ImageDevice(torn), header, FIXED_POLICY)
     assert [(c.valid, c.reason) for c in fresh.candidates] == \
         [(c.valid, c.reason) for c in again.candidates]
+
+
+def test_page_keys_number_each_log_and_policy_and_never_reuse_a_number():
+    import dataclasses
+    h = _current(_image())
+    place = replay_module._place
+    assert place(h, FIXED_POLICY) == place(h, FIXED_POLICY)
+    numbers = {place(h, FIXED_POLICY), place(h, QEMU_POLICY),
+               place(dataclasses.replace(h, log_guid=_guid()), FIXED_POLICY)}
+    assert len(numbers) == 3
+    replay_module._PLACES.clear()  # as when full: pages memoised before must not match
+    assert place(h, FIXED_POLICY) not in numbers
 
 
 def test_scan_memo_gives_the_scan_a_fresh_scan_gives():

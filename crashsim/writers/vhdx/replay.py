@@ -22,6 +22,7 @@ keeps replay's writes in memory.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import random
 from collections import OrderedDict
@@ -216,6 +217,9 @@ class _Memo:
 
 
 _PAGES = _Memo(64)  # keys hold the pages, 64 KiB each; hits are nearly all recent ones
+_PLACES: dict[tuple, int] = {}  # a log's fields and policy -> its number in page keys
+_PLACE_NUMBERS = itertools.count()  # never reused: a cleared number stays unmatched
+MAX_PLACES = 4096  # one per log GUID and policy; hostile headers could make many
 MEMO_LOG_BYTES = 16 << 20
 
 
@@ -232,8 +236,9 @@ def _scan_pages(io: BlockIO | BlockDevice, header: Header, policy: ReplayPolicy,
     notes: list[str] = []
     branches: list[str] = []
     valid: list[Candidate] = []
+    place = _place(header, policy) if memo else None
     for i, blob in enumerate(pages):
-        page = _page_items(blob, i * SCAN_CHUNK_BYTES, header, policy, memo)
+        page = _page_items(blob, i * SCAN_CHUNK_BYTES, header, policy, place)
         if page.whole:
             cands += page.items
             notes += page.notes
@@ -256,13 +261,26 @@ def _scan_pages(io: BlockIO | BlockDevice, header: Header, policy: ReplayPolicy,
                    list(dict.fromkeys(branches)))
 
 
+def _place(header: Header, policy: ReplayPolicy) -> int:
+    """The number of a log's fields and a policy in page keys. A key holding the fields
+    themselves hashed a UUID and a dataclass in Python at every page of every scan."""
+    key = (header.log_offset, header.log_length, header.log_guid, policy)
+    number = _PLACES.get(key)
+    if number is None:
+        if len(_PLACES) >= MAX_PLACES:
+            _PLACES.clear()
+        number = _PLACES[key] = next(_PLACE_NUMBERS)
+    return number
+
+
 def _page_items(blob: bytes, start: int, header: Header, policy: ReplayPolicy,
-                memo: bool = True) -> _Page:
-    """The candidates whose bytes lie in this page, in log order. An entry that runs
-    past the page's end (and any after it) is left as (position, header) for the caller
-    to check, since its validity depends on bytes outside the page."""
-    key = (blob, start, header.log_offset, header.log_length, header.log_guid, policy)
-    items = _PAGES.get(key) if memo else None
+                place: int | None = None) -> _Page:
+    """The candidates whose bytes lie in this page, in log order, memoised under
+    ``place`` (``_place`` of the header and policy; None: not memoised). An entry that
+    runs past the page's end (and any after it) is left as (position, header) for the
+    caller to check, since its validity depends on bytes outside the page."""
+    key = (blob, start, place)
+    items = _PAGES.get(key) if place is not None else None
     if items is not None:
         return items
     found: list[Candidate | tuple[int, LogEntryHeader]] = []
@@ -283,7 +301,7 @@ def _page_items(blob: bytes, start: int, header: Header, policy: ReplayPolicy,
             found.append(_entry_candidate(blob[rel:rel + h.entry_length], pos, h,
                                           header.log_offset, policy))
     page = _Page.of(tuple(found), header.log_length)
-    return _PAGES.put(key, page) if memo else page
+    return _PAGES.put(key, page) if place is not None else page
 
 
 SCAN_CHUNK_BYTES = 64 << 10  # one sealed page: read without joining or copying
