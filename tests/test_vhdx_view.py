@@ -45,6 +45,7 @@ def test_incremental_views_equal_full_views_with_the_same_reads():
     views = warm._views
     assert viewed > 200
     assert views.ranges_reused > 5 * views.ranges_read  # the incremental path ran
+    assert views.layouts_reused > 0  # and a view flipped back to a recent file layout
 
 
 def test_a_changed_data_sector_is_read_again():
