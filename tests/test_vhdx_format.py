@@ -106,6 +106,21 @@ def test_metadata_round_trip_and_limits():
         f.parse_metadata(bytes(128 * 1024), region)
 
 
+def test_metadata_parsed_in_two_parts_is_the_metadata_parsed_whole():
+    md = f.Metadata(2 * MiB, 10 << 30, 512, 4096, uuid.UUID(int=3))
+    region = f.RegionEntry(f.METADATA_GUID, 3 * MiB, MiB)
+    blob = f.build_metadata(md)
+    cut = f.METADATA_TABLE_BYTES
+    assert len(blob) > cut  # the items lie past the table, as in every image
+    assert f.parse_metadata_parts(blob[:cut], blob[cut:], region) == md
+    bad = f.build_metadata(f.Metadata(3 * MiB, 1 << 30))
+    for _ in range(2):  # errors are not cached: the same error again
+        with pytest.raises(f.VhdxCorrupt, match="block size"):
+            f.parse_metadata_parts(bad[:cut], bad[cut:], region)
+    with pytest.raises(f.VhdxCorrupt, match="truncated"):
+        f.parse_metadata_parts(blob[:100], b"", region)
+
+
 # -- BAT arithmetic ---------------------------------------------------------------------
 def test_chunk_ratio_and_bat_index_with_interleaved_bitmaps():
     assert f.chunk_ratio(512, MiB) == 4096

@@ -37,7 +37,7 @@ from .format import (FULLY_PRESENT, HEADER_SECTION_END, HEADER_SLOTS, METADATA_T
                      ZERO_GUID, Metadata, Regions, VhdxCorrupt, bat_index,
                      check_log_geometry, is_bitmap_index, known_regions, parse_cache,
                      metadata_bytes_needed, nonzero_entries_of, pack_bat_entry, parse_bat,
-                     parse_metadata, parse_region_table, round_up, unpack_bat_entry)
+                     parse_metadata_parts, parse_region_table, round_up, unpack_bat_entry)
 from .log import BlockIO, HeaderSession, LogWriter, as_io, check_signature
 from .replay import FIXED_POLICY, ReplayPolicy, ReplayResult, replay, scan_log
 
@@ -147,10 +147,11 @@ class VhdxDriver:
         md = self.regions.metadata
         table = self.io.read(md.file_offset, min(md.length, METADATA_TABLE_BYTES))
         need = metadata_bytes_needed(table, md)
+        rest = b""
         if need > len(table):
-            table += self.io.read(md.file_offset + len(table), need - len(table))
-        self.metadata_bytes_read = len(table)
-        return parse_metadata(table, md)
+            rest = self.io.read(md.file_offset + len(table), need - len(table))
+        self.metadata_bytes_read = len(table) + len(rest)
+        return parse_metadata_parts(table, rest, md)
 
     def load_bat(self) -> list[int]:
         count = self.metadata.bat_entries

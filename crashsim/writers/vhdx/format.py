@@ -395,6 +395,15 @@ def metadata_bytes_needed(table: bytes, region: RegionEntry) -> int:
 
 
 @parse_cache()
+def parse_metadata_parts(table: bytes, rest: bytes, region: RegionEntry) -> Metadata:
+    """``parse_metadata`` of ``table + rest``, cached on the two parts. The table is a
+    page the image keeps, whose hash Python works out once; joined to the few bytes of
+    items past it, it made new bytes at every open, hashed in full to look them up (7%
+    of judging the bench workload)."""
+    return parse_metadata.__wrapped__(table + rest, region)
+
+
+@parse_cache()
 def parse_metadata(blob: bytes, region: RegionEntry) -> Metadata:
     """Parse the metadata region (``blob`` = its bytes, at least the table and items)."""
     base = region.file_offset
