@@ -24,10 +24,11 @@ from __future__ import annotations
 import functools
 import random
 import struct
+from array import array
 from dataclasses import dataclass
 from itertools import chain
 from operator import itemgetter
-from typing import Iterator
+from typing import Iterator, MutableSequence
 
 from ...blockdev import BlockDevice, IOGen
 from .format import (FULLY_PRESENT, HEADER_SECTION_END, HEADER_SLOTS, METADATA_TABLE_BYTES,
@@ -75,7 +76,7 @@ class VhdxDriver:
         self.replay_result: ReplayResult | None = None
         self.regions: Regions | None = None
         self.metadata: Metadata | None = None
-        self.bat: list[int] = []
+        self.bat: MutableSequence[int] = array("Q")  # entries: an array, made in C
         # The non-zero BAT entries as loaded from disk: the structure checks, which run
         # right after a load, read these; writes change self.bat only.
         self.bat_nonzero: list[tuple[int, int]] = []
@@ -153,7 +154,7 @@ class VhdxDriver:
         self.metadata_bytes_read = len(table) + len(rest)
         return parse_metadata_parts(table, rest, md)
 
-    def load_bat(self) -> list[int]:
+    def load_bat(self) -> MutableSequence[int]:
         count = self.metadata.bat_entries
         region = self.regions.bat
         if count * 8 > region.length:

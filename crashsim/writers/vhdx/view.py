@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import chain
+from typing import MutableSequence
 
 from ...image import PAGE_SECTORS, SECTOR_BYTES, SparseImage
 from ...parts import Parts
@@ -33,7 +34,7 @@ class _Seen:
     image: SparseImage
     ranges: list[tuple[int, int]]
     shape: tuple[int, int, int]
-    bat: list[int]
+    bat: MutableSequence[int]  # a copy of the driver's (an array)
     parts: Parts  # of bytes
     bat_of: Parts  # of tuple[int, ...]
     spans: Parts  # of list[tuple[int, int]]
@@ -74,7 +75,7 @@ class RangeViews:
               ReadGroup(chain.from_iterable(spans)))
         return parts
 
-    def _stale(self, image: SparseImage | None, ranges, shape, bat: list[int]
+    def _stale(self, image: SparseImage | None, ranges, shape, bat: MutableSequence[int]
                ) -> set[int] | None:
         """The ranges to read again; None to read them all."""
         seen = self._seen
@@ -130,7 +131,7 @@ class RangeViews:
             by_page, group = self._layout(spans, prev, moved)
         else:
             by_bat, by_page, group = prev.by_bat, prev.by_page, prev.group
-        self._seen = _Seen(frozen, ranges, shape, list(bat), parts, bat_of, spans,
+        self._seen = _Seen(frozen, ranges, shape, bat[:], parts, bat_of, spans,
                            by_page, by_bat, group)
 
 
@@ -192,7 +193,8 @@ def _read_range(drv: VhdxDriver, offset: int, length: int
     return data, tuple(bat_of), spans
 
 
-def _differing(new: list[int], old: list[int], chunk: int = 64) -> list[int]:
+def _differing(new: MutableSequence[int], old: MutableSequence[int], chunk: int = 64
+               ) -> list[int]:
     """Indices where two equally long BATs differ; slices compare in C, so a BAT of
     many entries costs little when a few differ."""
     out = []
