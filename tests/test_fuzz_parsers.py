@@ -470,3 +470,28 @@ def test_mutated_scenarios_give_only_scenario_errors(workdir, pick, rnd):
     path = workdir / "mutated.yaml"
     path.write_bytes(fuzz.ScenarioMutator(text, rnd, [t for _, t in texts]).mutate())
     _load(path)
+
+
+# -- entry header rejections -------------------------------------------------------------
+GUIDS = [uuid.UUID(int=0), uuid.UUID(int=1), uuid.UUID(int=2)]
+
+
+@fuzzing(200)
+@given(st.sampled_from([0, 4096, 8192, 4095, 1 << 20, 2 << 20]), st.integers(0, 3),
+       st.integers(0, 300), st.integers(0, 2), st.integers(0, 2),
+       st.sampled_from([0, 1 << 30, 1 << 60]), st.integers(0, 255))
+def test_a_stale_entry_is_rejected_alike_whatever_the_headers_guid(
+        length, seq, count, entry_guid, header_guid, offset, slot):
+    """Rejections of entries whose GUID is not the header's are shared between log
+    sessions (``replay._rejection``): each must be the one the full check gives."""
+    from crashsim.writers.vhdx import replay as r
+    head = struct.pack("<4sIIIQII16sQQ", b"loge", 0, length, 0, seq, count, 0,
+                       GUIDS[entry_guid].bytes_le, offset, offset)
+    pos = slot * 4096
+    h = vf.parse_log_entry_header(head, pos)
+    shared = r._rejection(head, h, 1 << 20, GUIDS[header_guid], pos)
+    full = r._header_rejection(h, 1 << 20, GUIDS[header_guid], pos)
+    assert (shared is None) == (full is None)
+    if full is not None:
+        assert (shared.reason, shared.code, shared.position) == \
+            (full.reason, full.code, full.position)

@@ -660,9 +660,10 @@ def check_entry_header(h: LogEntryHeader, *, log_length: int, log_guid: uuid.UUI
                           f"GUID {guid_text(h.log_guid)} is stale", offset + 32,
                           "guid-mismatch")
     if h.log_guid is not log_guid and h.log_guid != log_guid:
-        raise VhdxCorrupt(f"entry log GUID {guid_text(h.log_guid)} does not match the "
-                          f"header's LogGuid {guid_text(log_guid)} (stale entry)",
-                          offset + 32, "guid-mismatch")
+        # The header's GUID is left out, so a stale entry reads the same under every
+        # later log session (``vhdx info`` shows the header's).
+        raise VhdxCorrupt(f"entry log GUID {guid_text(h.log_guid)} is not the header's "
+                          f"LogGuid (stale entry)", offset + 32, "guid-mismatch")
     if h.descriptor_count * 32 > h.entry_length:
         raise VhdxCorrupt(f"{h.descriptor_count} descriptors do not fit in an entry of "
                           f"{h.entry_length:#x} bytes", offset + 24, "descriptor-count")

@@ -291,7 +291,7 @@ def _page_items(blob: bytes, start: int, header: Header, policy: ReplayPolicy,
             h = parse_log_entry_header(head, pos)
         except VhdxCorrupt:
             continue
-        rejected = _header_rejection(h, header.log_length, header.log_guid, pos)
+        rejected = _rejection(head, h, header.log_length, header.log_guid, pos)
         if rejected is not None:
             found.append(rejected)
         elif crossed or rel + h.entry_length > len(blob):
@@ -342,6 +342,28 @@ def _header_rejection(h: LogEntryHeader, log_length: int, log_guid, pos: int
     except VhdxCorrupt as exc:
         return Candidate(pos, h, reason=exc.reason, code=exc.code)
     return None
+
+
+def _rejection(head: bytes, h: LogEntryHeader, log_length: int, log_guid, pos: int
+               ) -> Candidate | None:
+    """``_header_rejection``, with stale entries shared between log sessions."""
+    if log_guid.int and h.log_guid.int != log_guid.int:
+        return _stale_rejection(head, pos, log_length)
+    return _header_rejection(h, log_length, log_guid, pos)
+
+
+class _NotTheEntrys:
+    """A header LogGuid that no entry's GUID equals (and that is not zero)."""
+
+
+@parse_cache(maxsize=4096)
+def _stale_rejection(head: bytes, pos: int, log_length: int) -> Candidate:
+    """Why an entry whose log GUID is not the header's is not valid: the same under
+    every header GUID but its own. Every guest write of a VHDX workload starts a new log
+    session, after which each entry of a full log was checked again and described anew
+    (two thirds of how the cost per crash point grew from 40 to 320 writes)."""
+    h = parse_log_entry_header(head, pos)
+    return _header_rejection.__wrapped__(h, log_length, _NotTheEntrys(), pos)
 
 
 @parse_cache(maxsize=4096)
