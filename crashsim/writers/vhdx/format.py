@@ -661,7 +661,7 @@ def check_entry_header(h: LogEntryHeader, *, log_length: int, log_guid: uuid.UUI
                           "guid-mismatch")
     if h.log_guid is not log_guid and h.log_guid != log_guid:
         # The header's GUID is left out, so a stale entry reads the same under every
-        # later log session (``vhdx info`` shows the header's).
+        # later log session (replay's first decision line names the header's).
         raise VhdxCorrupt(f"entry log GUID {guid_text(h.log_guid)} is not the header's "
                           f"LogGuid (stale entry)", offset + 32, "guid-mismatch")
     if h.descriptor_count * 32 > h.entry_length:
