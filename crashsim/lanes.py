@@ -12,8 +12,9 @@ while the other finished.
 A steal costs the thief a walk: forward from its last point to the first point it
 takes, or from step 0 when that point lies behind it (a walker cannot step back). A
 thief takes points only when judging them is worth more than the walk, as the worker
-has measured the two so far; otherwise it waits and the owner finishes. Taking the last few points of the lane below, after a
-walk back over half the trace, had made the thief the last to finish.
+has measured the two so far; otherwise it waits and the owner finishes. Taking the
+last few points of the lane below, after a walk back over half the trace, had made
+the thief the last to finish.
 
 Which worker judges which point never changes a result; only the order of the work
 does. The parent merges results by crash point.

@@ -124,8 +124,7 @@ class RangeViews:
                 for j in idx:
                     by_bat.setdefault(j, []).append(i)
             by_page = _with_pages({}, range(len(spans)), spans)
-            group = ReadGroup(chain.from_iterable(spans))
-            self._layouts = [(spans, by_page, group)] + self._layouts[:RECENT_LAYOUTS - 1]
+            group = self._remember(spans, by_page)
         elif moved:
             by_bat = prev.by_bat
             by_page, group = self._layout(spans, prev, moved)
@@ -133,7 +132,6 @@ class RangeViews:
             by_bat, by_page, group = prev.by_bat, prev.by_page, prev.group
         self._seen = _Seen(frozen, ranges, shape, bat[:], parts, bat_of, spans,
                            by_page, by_bat, group)
-
 
     def _layout(self, spans: Parts, prev: _Seen, moved: list[int]
                 ) -> tuple[dict[int, list[int]], ReadGroup]:
@@ -149,9 +147,13 @@ class RangeViews:
             for page in _pages_of(prev.spans[i]):
                 by_page[page] = [r for r in by_page[page] if r != i]
         by_page = _with_pages(by_page, moved, spans)
+        return by_page, self._remember(spans, by_page)
+
+    def _remember(self, spans: Parts, by_page: dict[int, list[int]]) -> ReadGroup:
+        """A new read group for ``spans``, kept with them as the latest layout."""
         group = ReadGroup(chain.from_iterable(spans))
         self._layouts = [(spans, by_page, group)] + self._layouts[:RECENT_LAYOUTS - 1]
-        return by_page, group
+        return group
 
 
 def _pages_of(spans: list[tuple[int, int]]) -> list[int]:
