@@ -363,7 +363,7 @@ class _Builder:
         self.flat_hashes = _hashes_of(self.flat)
         self.flat_lent_to: SparseImage | None = None
         self.hashes_lent_to: list[StepStates] = []
-        self.hash = image_hash(trace.base)
+        self.hash = sum(self.flat_hashes.values()) & _MASK  # image_hash, hashed once
         self.submit: dict[int, int] = {}
         self.complete: dict[int, int] = {}
         self.pending: dict[int, PendingWrite] = {}
@@ -581,7 +581,7 @@ class _Builder:
             for x in [x for x in self.sector_hist if x >= size_bytes // SECTOR_BYTES]:
                 del self.sector_hist[x]
                 self.floor.pop(x, None)
-            self.hash = image_hash(top)
+            self.hash = sum(self.flat_hashes.values()) & _MASK
 
     def _destaged(self, io: int, rel: int) -> None:
         w = self.trace.writes.get(io)
