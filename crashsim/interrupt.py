@@ -56,11 +56,27 @@ class held:
             signal.signal(sig, old)
 
 
+class stop_signals_blocked:
+    """Within the block, SIGINT and SIGTERM wait in the kernel. Workers are forked inside
+    it: a worker starts with them blocked and takes them once its own handlers are set
+    (``quiet_worker_signals``). Before, a pool stopping a worker that was still starting
+    could run the parent's handler in it, which printed a KeyboardInterrupt traceback."""
+
+    def __enter__(self) -> "stop_signals_blocked":
+        self._old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
+
+
 def quiet_worker_signals() -> None:
     """In a worker process: Ctrl-C is the parent's to handle (it stops the pool), and
-    SIGTERM ends the process, whatever handler was inherited from the parent."""
+    SIGTERM ends the process, whatever handler was inherited from the parent; then the
+    signals held off since the fork (``stop_signals_blocked``) are let through."""
     signal.signal(signal.SIGINT, _ignore)  # a handler, not SIG_IGN: exec resets it
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def _ignore(signum: int, frame: FrameType | None) -> None:

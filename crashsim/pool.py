@@ -18,7 +18,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .interrupt import quiet_worker_signals
+from .interrupt import quiet_worker_signals, stop_signals_blocked
 from .oracle import Examined, Verdict, classify
 from .writers.base import Recovery
 
@@ -180,7 +180,8 @@ def _in_fresh_process(ctx, steps: list[int], log: CrashLog) -> list:
     pool = ProcessPoolExecutor(1, mp_context=mp, initializer=_init_guarded,
                                initargs=(ctx.scenario, ctx.trace, where, log))
     try:
-        fut = pool.submit(_run_guarded_chunk, steps)
+        with stop_signals_blocked():  # the worker forks here
+            fut = pool.submit(_run_guarded_chunk, steps)
         procs = list((getattr(pool, "_processes", None) or {}).values())
         try:
             return fut.result()
@@ -238,8 +239,10 @@ def build_results_guarded(ctx, steps: list, path: str, complete: bool = True) ->
     from .results import build_results
     pool = ProcessPoolExecutor(1, initializer=quiet_worker_signals)
     try:
-        return pool.submit(_build_in_child, ctx.scenario, ctx.trace, steps, path,
-                           complete).result()
+        with stop_signals_blocked():  # the worker forks here
+            fut = pool.submit(_build_in_child, ctx.scenario, ctx.trace, steps, path,
+                              complete)
+        return fut.result()
     except BrokenProcessPool:
         return build_results(ctx, steps, path, complete, shrink=False)
     finally:

@@ -492,3 +492,24 @@ def test_a_pool_broken_before_its_tasks_are_all_submitted_loses_no_crash_point(
     again = explore_all(build_context(sc), 2)
     assert [r.step for r in again] == [r.step for r in serial]
     assert [r.outcomes for r in again] == [r.outcomes for r in serial]
+
+
+def test_a_worker_stopped_while_starting_ends_by_the_signal_not_the_parents_handler():
+    """Workers fork with SIGINT and SIGTERM blocked and take them once their own handlers
+    are set: a SIGTERM that reaches a starting worker ends it, where the handler
+    inherited from the parent raised KeyboardInterrupt in it and printed a traceback."""
+    import multiprocessing
+    from crashsim.interrupt import sigterm_as_interrupt, stop_signals_blocked
+    mp = multiprocessing.get_context("fork")
+    with sigterm_as_interrupt(), stop_signals_blocked():
+        child = mp.Process(target=_stopped_while_starting)
+        child.start()
+    child.join(60)
+    assert child.exitcode == -signal.SIGTERM
+
+
+def _stopped_while_starting() -> None:
+    from crashsim.interrupt import quiet_worker_signals
+    os.kill(os.getpid(), signal.SIGTERM)  # the pool stops it before its handlers are set
+    quiet_worker_signals()
+    os._exit(3)  # not reached: the held SIGTERM ends the process first
