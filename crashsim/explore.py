@@ -31,8 +31,11 @@ from .trace import Trace
 from .writers import load_writer_class
 
 MAX_FAILURES_PER_STEP = 8
-CHUNKS_PER_WORKER = 8  # chunks handed on: to Dask workers, or as serial checkpoints
-SLICES_PER_WORKER = 8  # results a pool worker sends back, as they are judged
+CHUNKS_PER_WORKER = 8  # chunks: Dask tasks, serial checkpoints, lost points judged again
+# A pool worker sends back what it has judged this often: each send costs it about
+# 2 ms (pickling, the parent's reading, the next task), about 1% at this period, and an
+# interrupted run loses at most this much work a worker.
+SLICE_S = 0.25
 RECOVERY_SEP = "/r"
 
 
@@ -251,15 +254,24 @@ def _init_worker(scenario: Scenario, trace: Trace, lanes: Lanes | None = None) -
         _WORKER = build_context(scenario, trace)
 
 
-def _run_slice(max_points: int) -> list[StepResult]:
-    """Up to ``max_points`` crash points of this worker's lane (or stolen ones)."""
+def _run_slice(seconds: float) -> tuple[list[StepResult], bool]:
+    """The crash points of this worker's lane (or stolen ones) judged in about
+    ``seconds``, and whether any are left to claim."""
     global _LANE, _PACE
     assert _WORKER is not None and _LANES is not None
     if _LANE is None:
         _LANE, _PACE = _LANES.join(), Pace()
     lanes, lane, pace = _LANES, _LANE, _PACE
-    return judge_claimed(_WORKER, lambda: lanes.claim(lane, IDLE_POLL_S, pace.ratio()),
-                         max_points, pace)
+    claimed_all = False
+
+    def claim() -> int | None:
+        nonlocal claimed_all
+        p = lanes.claim(lane, IDLE_POLL_S, pace.ratio())
+        claimed_all = p is None
+        return p
+
+    out = judge_claimed(_WORKER, claim, pace=pace, until=time.perf_counter() + seconds)
+    return out, not claimed_all
 
 
 class Pace:
@@ -278,13 +290,16 @@ class Pace:
 
 
 def judge_claimed(ctx: Context, claim: Callable[[], int | None],
-                  max_points: int, pace: Pace | None = None) -> list[StepResult]:
+                  max_points: int | None = None, pace: Pace | None = None,
+                  until: float | None = None) -> list[StepResult]:
     """Judge the crash points ``claim`` gives, in the order given, under the memory
-    cap, until it gives None or ``max_points`` are done."""
+    cap, until it gives None, ``max_points`` are done or ``time.perf_counter()``
+    reaches ``until``."""
     cap = MemoryCap(ctx.scenario.explore.max_memory_mib, ctx.judge)
     pace = pace or Pace()
     out: list[StepResult] = []
-    while len(out) < max_points:
+    while (max_points is None or len(out) < max_points) and \
+            (until is None or not out or time.perf_counter() < until):
         p = claim()
         if p is None:
             break
@@ -440,13 +455,12 @@ def _explore_dask(ctx: Context, parts: list[list[int]], workers: int,
 def _explore_pool(ctx: Context, todo: list[int], workers: int,
                   collect: Callable[[list[StepResult]], None]) -> None:
     """Crash points on a process pool whose workers share them out by lanes; each task
-    judges a slice of SLICES_PER_WORKER per worker and more tasks wait in the queue, so
-    a worker never waits for the parent. Points lost to a dead worker are judged again
-    afterwards, isolating the states that kill the process."""
+    judges for SLICE_S and more tasks wait in the queue, so a worker never waits for
+    the parent. Points lost to a dead worker are judged again afterwards, isolating the
+    states that kill the process."""
     global _FORKED_FROM
     _FORKED_FROM = ctx  # a forked worker inherits it; a spawned one builds its own
     lanes = Lanes.shared(todo, workers, quiet_points(ctx.trace))
-    per_slice = max(1, math.ceil(len(todo) / (workers * SLICES_PER_WORKER)))
     pool = ProcessPoolExecutor(workers, initializer=_init_worker,
                                initargs=(ctx.scenario, ctx.trace, lanes))
     judged: set[int] = set()
@@ -454,7 +468,7 @@ def _explore_pool(ctx: Context, todo: list[int], workers: int,
 
     def submit() -> bool:
         try:  # a worker that died, even while starting, breaks the pool
-            pending.add(pool.submit(_run_slice, per_slice))
+            pending.add(pool.submit(_run_slice, SLICE_S))
             return True
         except BrokenProcessPool:
             return False
@@ -471,15 +485,17 @@ def _explore_pool(ctx: Context, todo: list[int], workers: int,
             pending.intersection_update(still)
             for fut in finished:
                 try:
-                    chunk = fut.result()
+                    chunk, more = fut.result()
                 except BrokenProcessPool:
                     broken = True
                     continue
-                if len(chunk) == per_slice and not broken:  # a short slice: none left
+                if more and not broken:
                     broken = not submit()
                 judged.update(res.step for res in chunk)
                 collect(chunk)
-        pool.shutdown()
+        # Every result is in: the workers exit on their own, reaped by the pool's
+        # thread, while the caller goes on (waiting for them took 5 to 7 ms).
+        pool.shutdown(wait=False)
     except BaseException:
         stop_pool(pool)
         raise
@@ -488,8 +504,8 @@ def _explore_pool(ctx: Context, todo: list[int], workers: int,
         gc.unfreeze()
     lost = [p for p in todo if p not in judged]
     if lost:
-        rejudge_lost(ctx, [lost[i:i + per_slice] for i in range(0, len(lost), per_slice)],
-                     collect)
+        size = max(1, math.ceil(len(todo) / (workers * CHUNKS_PER_WORKER)))
+        rejudge_lost(ctx, [lost[i:i + size] for i in range(0, len(lost), size)], collect)
 
 
 def shrink_failure(ctx: Context, failure: Failure):

@@ -116,9 +116,39 @@ def test_a_worker_measures_what_a_step_walked_and_a_point_judged_cost_it():
     assert pace.ratio() == (pace.judge_s / 3) / (pace.walk_s / 7)
 
 
+def test_a_slice_sends_back_what_it_judged_in_its_time_and_says_if_points_are_left(
+        monkeypatch):
+    from crashsim import explore
+    from crashsim.bench import bench_scenario
+    from crashsim.lanes import Lanes
+    from crashsim.explore import build_context
+    ctx = build_context(bench_scenario(2))
+    n_points = ctx.trace.n_steps + 1
+    monkeypatch.setattr(explore, "_WORKER", ctx)
+    monkeypatch.setattr(explore, "_LANES", Lanes(list(range(n_points)), 1))
+    monkeypatch.setattr(explore, "_LANE", None)
+    first, more = explore._run_slice(0.0)  # out of time at once: one point all the same
+    assert [r.step for r in first] == [0] and more
+    rest, more = explore._run_slice(60.0)
+    assert [r.step for r in rest] == list(range(1, n_points)) and not more
+    assert explore._run_slice(60.0) == ([], False)
+
+
+def test_a_pool_run_leaves_no_worker_behind():
+    """The parent does not wait for its workers to exit; the pool reaps them."""
+    import multiprocessing
+    from crashsim.bench import bench_scenario
+    from crashsim.explore import build_context, explore_all
+    explore_all(build_context(bench_scenario(3)), 2)
+    for proc in multiprocessing.active_children():
+        proc.join(30)
+    assert multiprocessing.active_children() == []
+
+
 def test_a_worker_with_nothing_worth_taking_waits_until_every_point_is_claimed():
-    """It must not give up early: the pool stops handing out tasks after a short slice,
-    and a task the idle worker took and dropped would leave the owner without one."""
+    """It must not give up early: the pool stops handing out tasks once a slice finds
+    every point claimed, and a task the idle worker took and dropped would leave the
+    owner without one."""
     import multiprocessing
     from crashsim.lanes import Lanes
     mp = multiprocessing.get_context("fork")
