@@ -8,6 +8,7 @@ a file, run ``qemu-img check -r all``, then ``qemu-img convert`` and compare.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import resource
 import shutil
@@ -119,6 +120,16 @@ def _growth(scaling: dict[str, dict[str, float]]) -> float:
     return round(scaling[last]["ms_per_step"] / scaling[first]["ms_per_step"], 2)
 
 
+def _exponent(scaling: dict[str, dict[str, float]]) -> float:
+    """k in seconds ~ steps**k, fitted by least squares over every length (log-log):
+    1.0 is linear. Unlike ``_growth`` it weighs every length, not the two ends only."""
+    xs = [math.log(row["steps"]) for row in scaling.values()]
+    ys = [math.log(row["seconds"]) for row in scaling.values()]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    return round(sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx, 3)
+
+
 def _cost_by_pending(sc: Scenario) -> dict[str, dict[str, float]]:
     """Per-step cost grouped by how many writes were pending at the crash point."""
     ctx = build_context(sc)
@@ -213,6 +224,7 @@ def run_bench(as_json: bool = False, quick: bool = False) -> int:
         "scaling_budget": SCALING_BUDGET,
         "scaling_by_writes": scaling,
         "scaling_growth": _growth(scaling),
+        "scaling_exponent": _exponent(scaling),
         f"scaling_by_writes_at_budget_{sc.explore.max_states_per_step}": scaling_64,
         "cost_by_pending_writes": by_pending,
         "peak_rss_mib": round(peak, 1),

@@ -5,7 +5,7 @@ import sys
 
 KEYS = {"states_per_second_per_core", "qemu_img_states_per_second", "speedup_vs_qemu_img",
         "parallel_speedup", "peak_rss_mib", "parallel_ceiling", "parallel_efficiency",
-        "scaling_growth"}
+        "scaling_growth", "scaling_exponent"}
 
 
 def test_bench_json_has_every_key(require_qemu):
@@ -30,3 +30,15 @@ def test_scaling_times_every_length_in_each_round_and_reports_the_runs():
     rows = _scaling_by_writes([1, 2], budget=4, rounds=2)
     assert [rows[k]["runs"] for k in ("1", "2")] == [2, 2]
     assert rows["2"]["steps"] > rows["1"]["steps"] > 0
+
+
+def test_the_scaling_exponent_is_the_slope_of_seconds_over_steps_in_log_log():
+    from crashsim.bench import _exponent
+    linear = {"1": {"steps": 100, "seconds": 0.5}, "2": {"steps": 400, "seconds": 2.0},
+              "3": {"steps": 1600, "seconds": 8.0}}
+    assert _exponent(linear) == 1.0
+    quadratic = {k: {**row, "seconds": row["steps"] ** 2 / 1e4} for k, row in linear.items()}
+    assert _exponent(quadratic) == 2.0
+    # One slow length among linear ones moves the fit, but not as far as the end ratio.
+    bent = {**linear, "3": {"steps": 1600, "seconds": 9.6}}
+    assert 1.0 < _exponent(bent) < 1.07
