@@ -208,7 +208,7 @@ def vhdx_layout(img: SparseImage) -> tuple[list[Span], dict[str, int]]:
     spans += _metadata_spans(img, md)
     spans.append(Span("bat", bat.file_offset,
                       min(bat.length, vf.round_up(max(len(drv.bat), 1) * 8, LOG_SECTOR))))
-    present = [vf.unpack_bat_entry(v)[1] for _, v in drv.bat_nonzero
+    present = [vf.unpack_bat_entry(v)[1] for _, v in vf.nonzero_entries_of(drv.bat_blob)
                if vf.unpack_bat_entry(v)[0] == vf.FULLY_PRESENT]
     spans += [Span("payload", off, LOG_SECTOR) for off in present[:16]]
     return spans, geo

@@ -253,6 +253,17 @@ def test_driver_bat_load_check_and_validate_on_mutated_entries(changes):
             pass
 
 
+@fuzzing(200)
+@given(st.lists(u64, max_size=40), st.integers(0, 7))
+def test_the_highest_bat_offset_is_that_of_the_largest_entry(values, tail_bytes):
+    """What check_bat compares with the file size, from the cached summary of the BAT's
+    bytes, against every entry unpacked (a trailing partial entry is not an entry)."""
+    blob = struct.pack(f"<{len(values)}Q", *values) + b"\xff" * tail_bytes
+    expected = max((vf.unpack_bat_entry(v)[1] for v in values), default=0)
+    assert vf.highest_bat_offset(blob) == expected
+    assert vf.highest_bat_offset(blob) == expected  # and again, from the cache
+
+
 # -- log entries ------------------------------------------------------------------------
 updates = st.lists(st.one_of(
     st.builds(lambda k, b: vf.SectorUpdate(k * 4096, bytes([b]) * 4096),

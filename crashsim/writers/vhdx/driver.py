@@ -27,7 +27,6 @@ import struct
 from array import array
 from dataclasses import dataclass
 from itertools import chain
-from operator import itemgetter
 from typing import Iterator, MutableSequence
 
 from ...blockdev import BlockDevice, IOGen
@@ -36,9 +35,10 @@ from .format import (FULLY_PRESENT, HEADER_SECTION_END, HEADER_SLOTS, METADATA_T
                      PARTIALLY_PRESENT, REGION_TABLE_BYTES, REGION_TABLE_OFFSETS,
                      SB_PRESENT, STATE_NAMES, UNDEFINED, UNMAPPED, UNMAPPED_V095, ZERO,
                      ZERO_GUID, Metadata, Regions, VhdxCorrupt, bat_index,
-                     check_log_geometry, is_bitmap_index, known_regions, parse_cache,
+                     check_log_geometry, highest_bat_offset, is_bitmap_index, known_regions,
                      metadata_bytes_needed, nonzero_entries_of, pack_bat_entry, parse_bat,
-                     parse_metadata_parts, parse_region_table, round_up, unpack_bat_entry)
+                     parse_cache, parse_metadata_parts, parse_region_table, round_up,
+                     unpack_bat_entry)
 from .log import BlockIO, HeaderSession, LogWriter, as_io, check_signature
 from .replay import FIXED_POLICY, ReplayPolicy, ReplayResult, replay, scan_log
 
@@ -77,10 +77,9 @@ class VhdxDriver:
         self.regions: Regions | None = None
         self.metadata: Metadata | None = None
         self.bat: MutableSequence[int] = array("Q")  # entries: an array, made in C
-        # The non-zero BAT entries as loaded from disk: the structure checks, which run
-        # right after a load, read these; writes change self.bat only.
-        self.bat_nonzero: list[tuple[int, int]] = []
-        self.bat_blob = b""  # the BAT's bytes as loaded: checks of it are memoised by them
+        # The BAT's bytes as loaded from disk: the structure checks, which run right after
+        # a load, read these, memoised by them; writes change self.bat only.
+        self.bat_blob = b""
         self.metadata_bytes_read = 0
         self.log: LogWriter | None = None
         self.region_notes: list[str] = []
@@ -161,17 +160,15 @@ class VhdxDriver:
             raise VhdxCorrupt(f"the BAT region ({region.length:#x} bytes) cannot hold "
                               f"{count} entries", region.file_offset, "bat-size")
         blob = self.bat_blob = bytes(self.io.read(region.file_offset, count * 8))
-        self.bat_nonzero = nonzero_entries_of(blob)
         return parse_bat(blob, count)
 
     def check_bat(self) -> None:
         """QEMU's vhdx_check_bat_entries: no present block may end past end-of-file."""
         size = self.io.size_bytes
         block = self.metadata.block_size
-        if not self.bat_nonzero or \
-                unpack_bat_entry(max(self.bat_nonzero, key=itemgetter(1))[1])[1] + block <= size:
+        if highest_bat_offset(self.bat_blob) + block <= size:
             return  # the entry with the highest offset ends in the file: so do all
-        for i, value in self.bat_nonzero:
+        for i, value in nonzero_entries_of(self.bat_blob):
             state, off = unpack_bat_entry(value)
             if state == FULLY_PRESENT and off + block > size:
                 raise VhdxCorrupt(f"BAT entry {i} end offset {off + block - 1} points after "

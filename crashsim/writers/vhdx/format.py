@@ -527,6 +527,14 @@ def nonzero_entries_of(blob: bytes) -> list[tuple[int, int]]:
     return list(itertools.compress(enumerate(values), values))
 
 
+@parse_cache(maxsize=64)
+def highest_bat_offset(blob: bytes) -> int:
+    """The largest file offset an entry of the BAT in ``blob`` names (0: none). The
+    offset fills an entry's high bits, so the largest entry names it."""
+    values = struct.unpack(f"<{len(blob) // 8}Q", blob[:len(blob) // 8 * 8])
+    return max(values, default=0) & BAT_OFFSET_MASK
+
+
 def parse_bat(blob: bytes, count: int) -> array:
     """The ``count`` entries, padded with zeros, as an array of unsigned 64-bit ints: made
     in C from the bytes (a list of a 1 GiB image's 1,024 ints cost 10 us per open)."""
