@@ -370,7 +370,10 @@ class _Builder:
         self.unflushed: dict[int, None] = {}  # completed, not durable, in completion order
         self.flush_cover: dict[int, list[int]] = {}
         self.durable_list: list[int] = []
-        self.sector_hist: dict[int, list[tuple[int, int]]] = {}  # (complete, io) in order
+        # (complete, io) in order. Tuples, and unit_cands emptied are dropped: a long trace
+        # keeps one per sector and unit written, and lists were containers that every
+        # full garbage collection walked (55,000 of them at 160 writes).
+        self.sector_hist: dict[int, tuple[tuple[int, int], ...]] = {}
         self.floor: dict[int, bytes] = {}  # sector before its first (partial) durable write
         self.unit_cands: dict[int, list[int]] = {}
         self.unit_legal: dict[int, int] = {}
@@ -491,6 +494,8 @@ class _Builder:
             for unit in pw.units:
                 cands = self.unit_cands[unit]
                 cands.remove(io)
+                if not cands:
+                    del self.unit_cands[unit]
                 n = self.unit_legal[unit] - (0 if unit - pw.first_unit in pw.illegal else 1)
                 self._set_legal_count(unit, n if cands else None)
             self.durable_list.append(io)
@@ -511,16 +516,16 @@ class _Builder:
                         self.floor[x] = current
                     else:
                         self.floor.pop(x, None)
-                    self.sector_hist[x] = [(c, w.io_id)]
+                    self.sector_hist[x] = ((c, w.io_id),)
                 else:
-                    hist.append((c, w.io_id))
+                    self.sector_hist[x] = hist + ((c, w.io_id),)
                 self._set_sector(x, _overlay(w, x, current))
                 continue
             # Made durable out of completion order (a FUA write overtook it): slot it in.
             pos = sum(1 for cc, _ in hist if cc < c)
             if any(_full(self.trace.writes[io], x) for _, io in hist[pos:]):
                 continue  # a later full write hides it entirely
-            hist.insert(pos, (c, w.io_id))
+            hist = self.sector_hist[x] = hist[:pos] + ((c, w.io_id),) + hist[pos:]
             value = self.floor.get(x, _ZERO)
             for _, io in hist:
                 value = _overlay(self.trace.writes[io], x, value)

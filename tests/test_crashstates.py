@@ -137,6 +137,18 @@ def test_out_of_order_durable_partial_sectors():
     assert sector == pat(0xA0, 50) + pat(0xB0, 150) + pat(0x11, S - 200)
 
 
+def test_a_write_made_durable_late_lands_under_the_later_partial_writes_of_its_sector():
+    """Each partial write joins the sector's history: one made durable out of order is
+    slotted in, and the sector is rebuilt from all of them."""
+    tb = TB(fill=0x11)
+    tb.submit(1, 0, data=pat(0xB0, 100), offset=100).complete(1)  # waits for the flush
+    tb.submit(0, 0, data=pat(0xA0, 100), offset=0, fua=True).complete(0)
+    tb.submit(2, 0, data=pat(0xC0, 100), offset=200, fua=True).complete(2)
+    tb._step("flush_submit", 3)._step("flush_complete", 3)
+    sector = tb.last().durable.read(0, S)
+    assert sector == pat(0xA0, 100) + pat(0xB0, 100) + pat(0xC0, 100) + pat(0x11, S - 300)
+
+
 # -- enumeration --------------------------------------------------------------------
 
 def _busy_trace() -> Trace:
