@@ -22,6 +22,7 @@ from .blockdev import ImageDevice, run_sync
 from .device import DeviceConfig, simulate
 from .interrupt import quiet_worker_signals, stop_signals_blocked
 from .lanes import IDLE_POLL_S, WALK_STEPS_PER_POINT, Lanes
+from .collector import Settler
 from .memory import MemoryCap
 from .model import RangeModel
 from .oracle import Judge, Verdict
@@ -241,12 +242,13 @@ _FORKED_FROM: Context | None = None  # the parent's context while its pool start
 _LANES: Lanes | None = None  # a pool worker's share of the crash points
 _LANE: int | None = None
 _PACE: "Pace | None" = None
+_SETTLER: Settler | None = None  # a pool worker's; never released: the process ends
 
 
 def _init_worker(scenario: Scenario, trace: Trace, lanes: Lanes | None = None) -> None:
-    global _WORKER, _LANES, _LANE
+    global _WORKER, _LANES, _LANE, _SETTLER
     quiet_worker_signals()
-    _LANES, _LANE = lanes, None
+    _LANES, _LANE, _SETTLER = lanes, None, Settler()
     parent = _FORKED_FROM
     if parent is not None and parent.scenario is scenario and parent.trace is trace:
         _WORKER = parent  # forked: the parent's writer, model and judge are already here
@@ -268,6 +270,8 @@ def _run_slice(seconds: float) -> tuple[list[StepResult], bool]:
         nonlocal claimed_all
         p = lanes.claim(lane, IDLE_POLL_S, pace.ratio())
         claimed_all = p is None
+        if p is not None and _SETTLER is not None:
+            _SETTLER.tick()
         return p
 
     out = judge_claimed(_WORKER, claim, pace=pace, until=time.perf_counter() + seconds)
@@ -429,11 +433,13 @@ def _explore_serial(ctx: Context, parts: list[list[int]],
     """One walk over the trace; each chunk is handed on when its last step is done."""
     ends = {part[-1] for part in parts}
     chunk: list[StepResult] = []
-    for res in iter_judged(ctx, [p for part in parts for p in part]):
-        chunk.append(res)
-        if res.step in ends:
-            collect(chunk)
-            chunk = []
+    with Settler() as settle:
+        for res in iter_judged(ctx, [p for part in parts for p in part]):
+            settle.tick()
+            chunk.append(res)
+            if res.step in ends:
+                collect(chunk)
+                chunk = []
 
 
 def _explore_dask(ctx: Context, parts: list[list[int]], workers: int,

@@ -244,3 +244,54 @@ def test_a_pool_run_leaves_nothing_frozen_out_of_garbage_collection():
     assert gc.get_freeze_count() == 0
     steps = explore_all(ctx, 2)
     assert gc.get_freeze_count() == 0 and len(steps) == ctx.trace.n_steps + 1
+
+
+def test_a_serial_run_freezes_what_it_built_as_it_goes_and_unfreezes_at_the_end(
+        monkeypatch):
+    import gc
+    from crashsim import collector
+    from crashsim.bench import bench_scenario
+    from crashsim.explore import build_context, explore_all
+    monkeypatch.setattr(collector, "FREEZE_EVERY_POINTS", 5)
+    ctx = build_context(bench_scenario(2, 4))
+    seen: list[int] = []
+    assert gc.get_freeze_count() == 0
+    steps = explore_all(ctx, 1, on_chunk=lambda chunk: seen.append(gc.get_freeze_count()))
+    assert max(seen) > 0  # frozen while it ran
+    assert gc.get_freeze_count() == 0 and len(steps) == ctx.trace.n_steps + 1
+
+
+def test_an_interrupted_serial_run_unfreezes_too(monkeypatch):
+    import gc
+    from crashsim import collector
+    from crashsim.bench import bench_scenario
+    from crashsim.explore import ExploreInterrupted, build_context, explore_all
+    monkeypatch.setattr(collector, "FREEZE_EVERY_POINTS", 5)
+    ctx = build_context(bench_scenario(2, 4))
+
+    def stop(chunk):
+        if chunk[-1].step >= 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(ExploreInterrupted):
+        explore_all(ctx, 1, on_chunk=stop)
+    assert gc.get_freeze_count() == 0
+
+
+def test_the_settler_freezes_every_so_many_points_and_releases_only_its_own_freeze():
+    import gc
+    from crashsim.collector import Settler
+    with Settler(every=3) as settle:
+        settle.tick()
+        settle.tick()
+        assert gc.get_freeze_count() == 0
+        settle.tick()
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # the caller's own freeze: a settler that never froze leaves it
+    try:
+        with Settler(every=3) as settle:
+            settle.tick()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
