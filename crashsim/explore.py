@@ -499,9 +499,10 @@ def _explore_pool(ctx: Context, todo: list[int], workers: int,
                     broken = not submit()
                 judged.update(res.step for res in chunk)
                 collect(chunk)
-        # Every result is in: the workers exit on their own, reaped by the pool's
-        # thread, while the caller goes on (waiting for them took 5 to 7 ms).
-        pool.shutdown(wait=False)
+        # Waited for (5 to 7 ms): with wait=False the pool's thread could still be
+        # closing its wakeup pipe when the interpreter exits, and concurrent.futures'
+        # exit hook then writes to the closed pipe (EBADF, printed at exit).
+        pool.shutdown()
     except BaseException:
         stop_pool(pool)
         raise
