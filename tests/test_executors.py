@@ -299,3 +299,26 @@ def test_a_pool_run_returns_once_its_pool_thread_and_workers_are_gone():
     assert not [t for t in threading.enumerate()
                 if isinstance(t, process._ExecutorManagerThread)]
     assert multiprocessing.active_children() == []
+
+
+def test_the_settler_collects_garbage_before_it_freezes():
+    """A dead cycle (an earlier run's context) must not be frozen with the live objects:
+    it would stay in memory until the end of the run."""
+    import gc
+    import weakref
+    from crashsim.collector import Settler
+
+    class Node:
+        pass
+
+    gc.disable()  # only the settler may collect here
+    try:
+        node = Node()
+        node.me = node
+        dead = weakref.ref(node)
+        del node
+        with Settler(every=1) as settle:
+            settle.tick()
+            assert dead() is None
+    finally:
+        gc.enable()
