@@ -7,6 +7,7 @@ a file, run ``qemu-img check -r all``, then ``qemu-img convert`` and compare.
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import multiprocessing
@@ -34,8 +35,15 @@ def bench_scenario(writes: int, budget: int = 64) -> Scenario:
         "explore": {"seed": 1, "max_states_per_step": budget, "shrink": False}})
 
 
+def _fresh_context(sc: Scenario):
+    """A new context, with the garbage of earlier runs collected first: it is not this
+    run's work, and a run that froze it (``collector``) kept it in memory to its end."""
+    gc.collect()
+    return build_context(sc)
+
+
 def _explore(sc: Scenario, workers: int) -> tuple[int, float]:
-    ctx = build_context(sc)
+    ctx = _fresh_context(sc)
     t0 = time.perf_counter()
     steps = explore_all(ctx, workers)
     return sum(s.explored for s in steps), time.perf_counter() - t0
@@ -92,7 +100,7 @@ def _scaling_by_writes(counts: list[int], budget: int, rounds: int = 1,
         for n in counts:
             secs, reps = 0.0, 0
             while reps == 0 or secs < min_seconds:
-                ctx = build_context(bench_scenario(n, budget))
+                ctx = _fresh_context(bench_scenario(n, budget))
                 t0 = time.perf_counter()
                 steps = explore_all(ctx, 1)
                 secs += time.perf_counter() - t0
@@ -132,7 +140,7 @@ def _exponent(scaling: dict[str, dict[str, float]]) -> float:
 
 def _cost_by_pending(sc: Scenario) -> dict[str, dict[str, float]]:
     """Per-step cost grouped by how many writes were pending at the crash point."""
-    ctx = build_context(sc)
+    ctx = _fresh_context(sc)
     groups: dict[int, list[float]] = {}
     t0 = time.perf_counter()
     for res in iter_results(ctx, range(ctx.trace.n_steps + 1)):
@@ -188,7 +196,7 @@ def _two_at_once(sc: Scenario) -> float:
 
 
 def _explore_when(sc: Scenario, ready, done) -> None:
-    ctx = build_context(sc)
+    ctx = _fresh_context(sc)
     ready.wait()
     explore_all(ctx, 1)
     done.put(time.perf_counter())  # CLOCK_MONOTONIC: comparable across processes
