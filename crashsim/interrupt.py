@@ -38,14 +38,16 @@ class sigterm_as_interrupt:
 
 class held:
     """Within the block, SIGINT and SIGTERM are noted in ``noted``, not acted on; the
-    caller decides what a noted signal means once the block is done."""
+    caller decides what a noted signal means once the block is done. A signal ignored
+    on entry (a background job's SIGINT, under nohup) stays ignored."""
 
     def __enter__(self) -> "held":
         self.noted: list[int] = []
         self._old: dict[int, object] = {}
         if _main_thread():
             for sig in STOP_SIGNALS:
-                self._old[sig] = signal.signal(sig, self._note)
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._old[sig] = signal.signal(sig, self._note)
         return self
 
     def _note(self, signum: int, frame: FrameType | None) -> None:

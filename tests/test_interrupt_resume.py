@@ -152,6 +152,13 @@ def uninterrupted(work) -> Path:
     return work / "reference"
 
 
+def _sigint_as_on_a_terminal() -> None:
+    """A shell starts background jobs with SIGINT ignored, and an ignored SIGINT stays
+    ignored across exec (Python then installs no handler): a test suite started that way
+    must not pass that on to the run it interrupts with Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt(work: Path, args: tuple[str, ...], out: str,
                how: str) -> subprocess.CompletedProcess:
     """Start the run, wait until the slow scenario saved a chunk, then signal it."""
@@ -160,7 +167,7 @@ def _interrupt(work: Path, args: tuple[str, ...], out: str,
     proc = subprocess.Popen([sys.executable, "-m", "crashsim", "run", *args,
                              "--out", out], cwd=work, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_sigint_as_on_a_terminal)
     try:
         deadline = time.monotonic() + 120  # a guard against hanging, not a measurement
         while not list(partial.glob("steps-*.json")) and proc.poll() is None:
@@ -513,3 +520,22 @@ def _stopped_while_starting() -> None:
     os.kill(os.getpid(), signal.SIGTERM)  # the pool stops it before its handlers are set
     quiet_worker_signals()
     os._exit(3)  # not reached: the held SIGTERM ends the process first
+
+
+def test_held_notes_stop_signals_but_leaves_an_ignored_one_ignored():
+    from crashsim.interrupt import held
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with held() as signals:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # the handler runs at the next bytecode: give it one
+        assert signals.noted == [signal.SIGINT]
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a background job's, or nohup's
+        with held() as signals:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+        assert signals.noted == []
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
