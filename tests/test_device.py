@@ -433,3 +433,26 @@ class _NoTx:
 
     def ack(self, tx):
         pass
+
+
+def test_a_finished_simulation_leaves_no_device_for_the_garbage_collector():
+    """The device is freed as soon as it is dropped, not at the next full collection:
+    an exploration that froze it with the live objects kept its media to the end."""
+    import gc
+    import weakref
+
+    def body(dev, tx):
+        yield from dev.write(0, pat(1, 512))
+
+    gc.collect()
+    gc.disable()  # only reference counting may free it here
+    try:
+        trace, dev = run_simulation(FnWriter(body), DeviceConfig())
+        gone = weakref.ref(dev)
+        dev.close()
+        del dev
+        assert gone() is None and trace.n_steps > 0
+        simulate(FnWriter(body), DeviceConfig())
+        assert not [o for o in gc.get_objects() if isinstance(o, SimDevice)]
+    finally:
+        gc.enable()
