@@ -19,10 +19,10 @@ from typing import Callable, Iterable, Iterator
 
 from . import crashstates
 from .blockdev import ImageDevice, run_sync
+from .collector import Settler
 from .device import DeviceConfig, simulate
 from .interrupt import quiet_worker_signals, stop_signals_blocked
 from .lanes import IDLE_POLL_S, WALK_STEPS_PER_POINT, Lanes
-from .collector import Settler
 from .memory import MemoryCap
 from .model import RangeModel
 from .oracle import Judge, Verdict
@@ -294,16 +294,15 @@ class Pace:
 
 
 def judge_claimed(ctx: Context, claim: Callable[[], int | None],
-                  max_points: int | None = None, pace: Pace | None = None,
-                  until: float | None = None) -> list[StepResult]:
+                  pace: Pace | None = None, until: float | None = None
+                  ) -> list[StepResult]:
     """Judge the crash points ``claim`` gives, in the order given, under the memory
-    cap, until it gives None, ``max_points`` are done or ``time.perf_counter()``
-    reaches ``until``."""
+    cap, until it gives None or ``time.perf_counter()`` reaches ``until`` (after one
+    point at least)."""
     cap = MemoryCap(ctx.scenario.explore.max_memory_mib, ctx.judge)
     pace = pace or Pace()
     out: list[StepResult] = []
-    while (max_points is None or len(out) < max_points) and \
-            (until is None or not out or time.perf_counter() < until):
+    while until is None or not out or time.perf_counter() < until:
         p = claim()
         if p is None:
             break

@@ -109,7 +109,7 @@ def test_a_worker_measures_what_a_step_walked_and_a_point_judged_cost_it():
     pace = Pace()
     assert pace.ratio() == WALK_STEPS_PER_POINT  # nothing measured yet
     claims = iter([3, 5, 2, None])
-    out = judge_claimed(ctx, lambda: next(claims), 10, pace)
+    out = judge_claimed(ctx, lambda: next(claims), pace)
     assert [r.step for r in out] == [3, 5, 2]
     assert (pace.points, pace.steps) == (3, 3 + 2 + 2)  # 2 is behind 5: walked from 0
     assert pace.walk_s > 0 and pace.judge_s > 0
