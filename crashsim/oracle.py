@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import traceback
 from collections import OrderedDict
+from time import perf_counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -104,6 +105,9 @@ class Judge:
                                   across_steps=True)
         self.memo_hits = 0
         self.recoveries = 0  # states recovered and checked in full (no cache, no memo)
+        # Seconds in the writer's own code (recovery, view, structure check, probe, and
+        # the device reads they make): what the bench sets apart from crashsim's cost.
+        self.writer_s = 0.0
         self._cache: dict[object, Examined] = {}
         self._recorded: dict[object, Examined] = {}
         self.cache_hits = 0
@@ -158,7 +162,7 @@ class Judge:
         dev = ImageDevice(work, trace=rec_trace) if reads is None else \
             ReadLogDevice(work, reads)
         try:
-            recovery = run_sync(self.writer.recover(dev)) or Recovery()
+            recovery = self._in_writer(run_sync, self.writer.recover(dev)) or Recovery()
         except RecoveryError as exc:
             return Examined(Recovery(branches=["refused"]), error=f"refused: {exc}",
                             recovery_trace=rec_trace)
@@ -189,24 +193,24 @@ class Judge:
         recovered state of this step that agrees with it wherever a view read. Most
         states that recovery sees differently (a torn log entry) read the same data."""
         if reads is None or not self._views.enabled:
-            return self.writer.view(dev, self.model.ranges)
+            return self._in_writer(self.writer.view, dev, self.model.ranges)
         overlay = {**image.sectors, **work.sectors}
         seen = self._views.find_over(overlay, work.size_bytes, image.parent)
         if seen is not None:
             reads += seen.reads  # the same bytes were read, so note them for this state
             return seen.result
         mark = len(reads)
-        view = self.writer.view(dev, self.model.ranges)
+        view = self._in_writer(self.writer.view, dev, self.model.ranges)
         self._views.add_over(overlay, work.size_bytes, image.parent, reads[mark:], view)
         return view
 
     def _checks_of(self, dev: ImageDevice) -> "_Checks":
         key = None
         if self.share_checks and hasattr(self.writer, "structure_key"):
-            key = self.writer.structure_key(dev)
+            key = self._in_writer(self.writer.structure_key, dev)
         checks = self._checks.get(key) if key is not None else None
         if checks is None:
-            checks = _Checks(list(self.writer.check_structure(dev)))
+            checks = _Checks(list(self._in_writer(self.writer.check_structure, dev)))
             if key is not None:
                 self._checks.put(key, checks)
         return checks
@@ -222,12 +226,19 @@ class Judge:
         dev = ImageDevice(recovered.fork()) if reads is None else \
             ReadLogDevice(recovered.fork(), reads)
         try:
-            run_sync(self.writer.probe(dev))
+            self._in_writer(run_sync, self.writer.probe(dev))
         except (ProbeFailed, RecoveryError) as exc:
             return f"next transaction failed: {exc}"
         except Exception as exc:
             return f"next transaction crashed: {_crash_text(exc)}"
         return None
+
+    def _in_writer(self, fn: Callable, *args):
+        t0 = perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.writer_s += perf_counter() - t0
 
     def view_of(self, image: SparseImage) -> bytes | None:
         """The recovered view of one image, for a diff; None when recovery fails."""

@@ -2,10 +2,16 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 
 KEYS = {"states_per_second_per_core", "qemu_img_states_per_second", "speedup_vs_qemu_img",
         "parallel_speedup", "peak_rss_mib", "parallel_ceiling", "parallel_efficiency",
-        "scaling_growth", "scaling_exponent"}
+        "scaling_growth", "scaling_exponent", "scaling_growth_crashsim",
+        "scaling_exponent_crashsim"}
 
 
 def test_bench_json_has_every_key(require_qemu):
@@ -30,6 +36,72 @@ def test_scaling_times_every_length_in_each_round_and_reports_the_runs():
     rows = _scaling_by_writes([1, 2], budget=4, rounds=2)
     assert [rows[k]["runs"] for k in ("1", "2")] == [2, 2]
     assert rows["2"]["steps"] > rows["1"]["steps"] > 0
+    for row in rows.values():  # the time per step, split between writer and crashsim
+        assert 0 < row["writer_ms_per_step"] < row["ms_per_step"]
+        assert row["writer_ms_per_step"] + row["crashsim_ms_per_step"] == \
+            pytest.approx(row["ms_per_step"], abs=0.002)
+
+
+class _Clock:
+    t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class _Ticking:
+    """A writer whose every call moves a fake clock on by one second, from inside the
+    call (a generator's body runs only when recovery is driven)."""
+
+    def __init__(self, writer, clock: _Clock):
+        self._writer, self._clock, self.ticks = writer, clock, 0
+
+    def __getattr__(self, name):
+        return getattr(self._writer, name)
+
+    def _tick(self) -> None:
+        self._clock.t += 1.0
+        self.ticks += 1
+
+    def _driven(self, gen):
+        self._tick()
+        return (yield from gen)
+
+    def recover(self, dev):
+        return self._driven(self._writer.recover(dev))
+
+    def probe(self, dev):
+        return self._driven(self._writer.probe(dev))
+
+    def view(self, dev, ranges):
+        self._tick()
+        return self._writer.view(dev, ranges)
+
+    def check_structure(self, dev):
+        self._tick()
+        return self._writer.check_structure(dev)
+
+    def structure_key(self, dev):
+        self._tick()
+        return self._writer.structure_key(dev)
+
+
+@pytest.mark.parametrize("name", ["vhdx-alloc-512", "wal-clean"])  # views: own, shared
+def test_judge_counts_the_time_inside_every_writer_call(monkeypatch, name):
+    from crashsim.explore import build_context, explore_all
+    from crashsim.oracle import Judge
+    from crashsim.scenario import load_scenario
+    clock = _Clock()
+    monkeypatch.setattr("crashsim.oracle.perf_counter", clock)
+    sc = load_scenario(SCENARIOS / f"{name}.yaml")
+    sc = sc.model_copy(update={"explore": sc.explore.model_copy(
+        update={"max_states_per_step": 4, "recovery_crash": False})})
+    ctx = build_context(sc)
+    writer = _Ticking(ctx.writer, clock)
+    ctx.judge = Judge(writer, ctx.model)
+    explore_all(ctx, 1)
+    assert ctx.judge.recoveries > 0 and writer.ticks > 2 * ctx.judge.recoveries
+    assert ctx.judge.writer_s == writer.ticks  # the clock moved only inside the writer
 
 
 def test_the_scaling_exponent_is_the_slope_of_seconds_over_steps_in_log_log():
