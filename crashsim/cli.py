@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("replay", help="rebuild one crash state, recover it, show verdict")
     rp.add_argument("state_id")
     rp.add_argument("--scenario", type=Path, required=True)
+    rp.add_argument("--seed", type=int, default=None,
+                    help="the explore.seed the run used, if run --seed overrode it")
     rp.add_argument("--write-image", type=Path, default=None,
                     help="also write the crashed (unrecovered) image to this file")
     rp.set_defaults(func=_cmd_replay)
@@ -84,6 +86,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise InputError("--workers must be at least 1")
     if args.max_memory_mib is not None and args.max_memory_mib < 1:
         raise InputError("--max-memory-mib must be at least 1")
+    if args.scheduler and args.executor != "dask":
+        raise InputError("--scheduler is the address of a Dask scheduler: add "
+                         "--executor dask, or drop --scheduler to run on this machine")
+    if args.executor == "dask":
+        from .dask_executor import require_dask
+        require_dask()
     with sigterm_as_interrupt():  # a killed CI job keeps its partial report too
         return run_scenarios(args.scenarios, out_dir=args.out, workers=args.workers,
                              seed=args.seed, executor=args.executor,
@@ -93,7 +101,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_replay(args: argparse.Namespace) -> int:
     from .runner import replay_state
-    return replay_state(args.state_id, args.scenario, args.write_image)
+    return replay_state(args.state_id, args.scenario, args.write_image, args.seed)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

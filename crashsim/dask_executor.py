@@ -7,9 +7,11 @@ to a serial run.
 """
 from __future__ import annotations
 
+import importlib.util
 from concurrent.futures import CancelledError
 from typing import Iterator
 
+from .errors import InputError
 from .scenario import Scenario
 from .trace import Trace
 
@@ -25,21 +27,30 @@ def _explore_chunk(scenario: Scenario, trace: Trace, steps: list[int]):
     return judge_steps(ctx, steps)  # under the scenario's memory cap, per worker
 
 
+def require_dask() -> None:
+    """An input error, before any work, when the optional extra is not installed."""
+    if importlib.util.find_spec("distributed") is None:
+        raise InputError("--executor dask needs the optional extra: "
+                         "pip install 'crashsim[dask]'")
+
+
 def map_chunks(scenario: Scenario, trace: Trace, parts: list[list[int]],
                scheduler: str | None, workers: int
                ) -> Iterator[tuple[list[int], list | None]]:
     """(chunk, its results) in chunk order; None for a chunk whose worker died (dask
     gives up on a task after ``distributed.scheduler.allowed-failures`` deaths) or that
     dask cancelled when the data it needed died with a worker."""
-    try:
-        from dask.distributed import Client, LocalCluster
-        from distributed.scheduler import KilledWorker
-    except ImportError:
-        raise RuntimeError("the dask executor needs the optional extra: "
-                           "pip install 'crashsim[dask]'") from None
+    require_dask()
+    from dask.distributed import Client, LocalCluster
+    from distributed.scheduler import KilledWorker
     cluster = None
     if scheduler:
-        client = Client(scheduler)
+        try:
+            client = Client(scheduler)
+        except (OSError, ValueError) as exc:  # refused, timed out, or not an address
+            raise InputError(f"--scheduler {scheduler}: cannot connect ({exc}); start "
+                             f"one with 'dask scheduler' and give the address it "
+                             f"prints") from None
     else:
         cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1,
                                processes=True, dashboard_address=None)

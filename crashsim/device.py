@@ -44,6 +44,7 @@ destages as ``(at_step, io_id, unit_index)`` and resizes as ``(at_step, size_byt
 from __future__ import annotations
 
 import random
+import traceback
 from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ from typing import Any, Iterator
 import simpy
 
 from .blockdev import IOGen
+from .errors import PluginError, plugin_line
 from .image import SECTOR_BYTES, SparseImage
 from .trace import StepKind, Trace, Write
 
@@ -366,19 +368,43 @@ def _covers(offset: int, piece: bytes, e: _Entry) -> bool:
 
 
 class TxRecorder:
-    """The TxReporter handed to writers: marks in the trace, times for the timeline."""
+    """The TxReporter handed to writers: marks in the trace, times for the timeline.
+
+    The oracle reads "A acknowledged" as transactions 0..A-1 done, so transactions must
+    start in order, once each, and be acknowledged in order, once each, after they
+    started. A writer that breaks this gets a PluginError naming its call, not verdicts
+    judged against counts that mean something else."""
 
     def __init__(self, trace: Trace, env: simpy.Environment):
         self.trace, self.env = trace, env
         self.tx_times: list[tuple[str, int, float]] = []
+        self.started = self.acked = 0
 
     def start(self, tx: int) -> None:
+        if tx != self.started:
+            self._broken(f"tx.start({tx!r})", f"the next transaction to start is "
+                         f"{self.started}")
+        self.started += 1
         self.trace.mark("start", tx)
         self.tx_times.append(("start", tx, float(self.env.now)))
 
     def ack(self, tx: int) -> None:
+        if tx != self.acked or tx >= self.started:
+            why = (f"transaction {tx} was already acknowledged" if
+                   isinstance(tx, int) and 0 <= tx < self.acked else
+                   f"transaction {tx} has not started" if tx == self.acked else
+                   f"the next transaction to acknowledge is {self.acked}")
+            self._broken(f"tx.ack({tx!r})", why)
+        self.acked += 1
         self.trace.mark("ack", tx)
         self.tx_times.append(("ack", tx, float(self.env.now)))
+
+    @staticmethod
+    def _broken(call: str, why: str) -> None:
+        caller = traceback.extract_stack(limit=3)[0]
+        raise PluginError(f"{caller.filename}:{caller.lineno}: {call}: {why}; each "
+                          f"transaction i = 0, 1, ... is started once, in order, and "
+                          f"acknowledged once, in order, after it started")
 
 
 def run_simulation(writer: Any, config: DeviceConfig) -> tuple[SimTrace, SimDevice]:
@@ -387,7 +413,11 @@ def run_simulation(writer: Any, config: DeviceConfig) -> tuple[SimTrace, SimDevi
     The run stops when the workload's process ends: the destage process does not carry
     on afterwards, so nothing is recorded past the workload's last step.
     """
-    base = writer.format_image()
+    try:
+        base = writer.format_image()
+    except Exception as exc:
+        raise PluginError(f"{plugin_line(exc)}: the writer's format_image() raised "
+                          f"{type(exc).__name__}: {exc}") from None
     trace = SimTrace(base=base)
     env = simpy.Environment()
     dev = SimDevice(env, base.fork(), config, trace)
@@ -396,6 +426,8 @@ def run_simulation(writer: Any, config: DeviceConfig) -> tuple[SimTrace, SimDevi
     try:
         proc = env.process(writer.run(dev, tx))
         env.run(until=proc)
+    except PluginError:
+        raise
     except RuntimeError as exc:
         if "until" in str(exc) and "not triggered" in str(exc):
             trace.failed = ("Deadlock: the workload waits for an event that never "

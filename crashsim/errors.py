@@ -9,3 +9,18 @@ EXIT_OK, EXIT_FAIL, EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 13
 
 class InputError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
+
+
+class PluginError(InputError):
+    """A writer plugin broke the protocol (``writers/base.py``): its author's to fix, so
+    it is reported like bad input, naming the plugin's own line."""
+
+
+def plugin_line(exc: BaseException) -> str:
+    """``file:line`` of the innermost frame of ``exc``'s traceback: where it was raised."""
+    tb = exc.__traceback__
+    if tb is None:
+        return "?"
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"

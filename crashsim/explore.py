@@ -8,6 +8,7 @@ Failing states are then shrunk in the parent, one per distinct violation.
 from __future__ import annotations
 
 import gc
+import inspect
 import math
 import time
 from bisect import bisect_left
@@ -21,6 +22,7 @@ from . import crashstates
 from .blockdev import ImageDevice, run_sync
 from .collector import Settler
 from .device import DeviceConfig, simulate
+from .errors import PluginError, plugin_line
 from .interrupt import quiet_worker_signals, stop_signals_blocked
 from .lanes import IDLE_POLL_S, WALK_STEPS_PER_POINT, Lanes
 from .memory import MemoryCap
@@ -97,8 +99,25 @@ def make_writer(scenario: Scenario):
     w = scenario.workload
     image = {"virtual_size": w.image.virtual_size, "block_size": w.image.block_size,
              "log_size": w.image.log_size}
-    return cls(ops=scenario.ops(), image=image, defects=list(scenario.writer.defects),
-               seed=scenario.explore.seed)
+    try:
+        return cls(ops=scenario.ops(), image=image, defects=list(scenario.writer.defects),
+                   seed=scenario.explore.seed)
+    except Exception as exc:
+        raise PluginError(f"{_raised_at(exc, cls)}: writer {scenario.writer.kind!r}: "
+                          f"{cls.__name__}(ops=..., image=..., defects=..., seed=...) "
+                          f"raised {type(exc).__name__}: {exc}") from None
+
+
+def _raised_at(exc: Exception, cls: type) -> str:
+    """Where the plugin raised; for a call that never got into it (a constructor that
+    does not take the protocol's arguments), where the class is defined."""
+    where = plugin_line(exc)
+    if not where.startswith(__file__):
+        return where
+    try:
+        return f"{inspect.getsourcefile(cls)}:{inspect.getsourcelines(cls)[1]}"
+    except (OSError, TypeError):
+        return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def device_config(scenario: Scenario) -> DeviceConfig:
@@ -208,6 +227,12 @@ def _recovery_crash(ctx: Context, res: StepResult, cs, acked: int, started: int)
 
 
 # -- rebuilding any state from its ID -------------------------------------------------
+
+def crash_point(ctx: Context, state_id: str) -> int:
+    """The crash point whose acknowledged and started counts judge a state: for one cut
+    during recovery, the step of the state recovery started from, not recovery's own."""
+    return crashstates.parse_state_id(ctx.trace, state_id.partition(RECOVERY_SEP)[0]).p
+
 
 def build_any(ctx: Context, state_id: str):
     """The crash state an ID names, including states cut during recovery."""
@@ -397,9 +422,11 @@ def explore_all(ctx: Context, workers: int = 1,
                 progress: Callable[[int, int], None] | None = None,
                 executor: str = "process", scheduler: str | None = None, *,
                 saved: list[StepResult] | None = None,
-                on_chunk: Callable[[list[StepResult]], None] | None = None
-                ) -> list[StepResult]:
-    """Every crash point's result, in step order; those in ``saved`` are not judged."""
+                on_chunk: Callable[[list[StepResult]], None] | None = None,
+                isolated: bool = False) -> list[StepResult]:
+    """Every crash point's result, in step order; those in ``saved`` are not judged.
+    ``isolated`` judges in a worker process even with one worker, as a process pool
+    does: a plugin that kills the process judging it then costs a state, not the run."""
     n_points = ctx.trace.n_steps + 1
     done = {r.step: r for r in saved or []}
     todo = [p for p in range(n_points) if p not in done]
@@ -418,10 +445,10 @@ def explore_all(ctx: Context, workers: int = 1,
         elif executor == "dask":
             parts = chunks(n_points, workers, todo, quiet_points(ctx.trace))
             _explore_dask(ctx, parts, workers, scheduler, collect)
-        elif workers <= 1:
+        elif workers <= 1 and not isolated:
             _explore_serial(ctx, chunks(n_points, 1, todo), collect)
         else:
-            _explore_pool(ctx, todo, workers, collect)
+            _explore_pool(ctx, todo, max(workers, 1), collect)
     except KeyboardInterrupt:
         raise ExploreInterrupted([done[p] for p in sorted(done)]) from None
     return [done[p] for p in sorted(done)]

@@ -18,6 +18,7 @@ with the workload. The lender takes the map back before it changes it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import weakref
@@ -363,13 +364,24 @@ class SparseImage:
         return img
 
     def to_file(self, path: str | os.PathLike) -> None:
-        """Write a sparse file with the same content."""
-        with open(path, "wb") as f:
-            f.truncate(self.size_bytes)
-            for idx, data in sorted(self.changed_sectors().items()):
-                if data != _ZERO_SECTOR and idx * SECTOR_BYTES < self.size_bytes:
-                    f.seek(idx * SECTOR_BYTES)
-                    f.write(data[: self.size_bytes - idx * SECTOR_BYTES])
+        """Write a sparse file with the same content; a write that fails (a full disk)
+        leaves no partial image behind to be mistaken for the state."""
+        opened = False
+        try:
+            with open(path, "wb") as f:
+                opened = True
+                f.truncate(self.size_bytes)
+                for idx, data in sorted(self.changed_sectors().items()):
+                    if data != _ZERO_SECTOR and idx * SECTOR_BYTES < self.size_bytes:
+                        f.seek(idx * SECTOR_BYTES)
+                        f.write(data[: self.size_bytes - idx * SECTOR_BYTES])
+        except BaseException:
+            # The failure may come from the final flush, at close. Never unlink what
+            # is not a plain file (a device node given as the path).
+            if opened and os.path.isfile(path):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise
 
 
 def _sectors_in(layers_top_first: list[SparseImage], first: int, last: int

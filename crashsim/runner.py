@@ -16,8 +16,8 @@ from typing import Any, Callable
 from . import __version__
 from .checkpoint import Checkpoint, run_key
 from .errors import EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, InputError
-from .explore import (ExploreInterrupted, StepResult, build_any, build_context,
-                      explore_all)
+from .explore import (RECOVERY_SEP, ExploreInterrupted, StepResult, build_any,
+                      build_context, crash_point, explore_all)
 from .interrupt import held
 from .pool import WORKER_CRASH, build_results_guarded
 from .results import build_results, dumps
@@ -133,7 +133,8 @@ def _run_scenario(sc: Scenario, path: Path, out_dir: Path, opts: _Options,
         if not steps:
             ckpt.clear()
         steps = explore_all(ctx, opts.workers, progress.callback(sc.name), opts.executor,
-                            opts.scheduler, saved=steps, on_chunk=_saver(ckpt))
+                            opts.scheduler, saved=steps, on_chunk=_saver(ckpt),
+                            isolated=True)
         results = _build(ctx, steps, str(path))
     except KeyboardInterrupt as exc:
         if ctx is None:
@@ -207,7 +208,7 @@ def run_one(sc: Scenario, path: str, workers: int = 1, executor: str = "process"
             scheduler: str | None = None,
             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     ctx = build_context(sc)
-    steps = explore_all(ctx, workers, progress, executor, scheduler)
+    steps = explore_all(ctx, workers, progress, executor, scheduler, isolated=True)
     return _build(ctx, steps, path)
 
 
@@ -227,8 +228,13 @@ def summary_line(results: dict[str, Any], elapsed_s: float) -> str:
                  "INCOMPLETE (interrupted before shrinking), ")
     if results.get("workload_error"):
         head += f"WORKLOAD FAILED ({results['workload_error']}), "
+    if results.get("memory_capped_crash_points"):
+        head += (f"NOT JUDGED IN FULL ({results['memory_capped_crash_points']} of "
+                 f"{t['crash_points']} crash points over the memory cap), ")
+    during = t.get("recovery_explored", 0)
+    during_text = f" and {during} cut during their recovery" if during else ""
     return (f"{head}{t['steps']} steps, {t['explored']} states explored "
-            f"({t['distinct']} distinct){skipped_text(results)}, "
+            f"({t['distinct']} distinct){during_text}{skipped_text(results)}, "
             f"violations: {found or 'none'}; expected {expect_text}; {elapsed_s:.1f}s")
 
 
@@ -248,24 +254,27 @@ def skipped_text(results: dict[str, Any]) -> str:
     return f", {count} legal states skipped ({'; '.join(reasons)})"
 
 
-def replay_state(state_id: str, scenario_path: Path, write_image: Path | None) -> int:
+def replay_state(state_id: str, scenario_path: Path, write_image: Path | None,
+                 seed: int | None = None) -> int:
     from .diff import view_diff
-    try:
-        sc = load_scenario(scenario_path)
-        check_writer(scenario_path, sc)
-    except ScenarioError as exc:
-        raise InputError(exc.lines[0]) from None
+    [(_, sc)] = load_all([scenario_path], seed)
     ctx = build_context(sc)
     try:
         state = build_any(ctx, state_id)
     except ValueError as exc:
         raise InputError(f"state {state_id!r}: {exc}") from None
     if write_image is not None:
-        state.image.to_file(write_image)
+        try:
+            state.image.to_file(write_image)
+        except OSError as exc:
+            raise InputError(f"--write-image {write_image}: {exc.strerror}; give a file "
+                             f"path in an existing, writable folder") from None
         print(f"crashed image written to {write_image} (unrecovered)")
-    acked, started = ctx.trace.acked(state.p), ctx.trace.started(state.p)
+    point = crash_point(ctx, state_id)
+    acked, started = ctx.trace.acked(point), ctx.trace.started(point)
     verdict = ctx.judge.judge(state.image, acked, started)
-    print(f"state {state_id} (step {state.p}, tier {state.tier}): {verdict.outcome}")
+    during = f", recovery step {state.p}" if RECOVERY_SEP in state_id else ""
+    print(f"state {state_id} (step {point}{during}, tier {state.tier}): {verdict.outcome}")
     print(f"  surviving pending writes: {sorted(state.survivors) or 'none'}; "
           f"torn units: {sorted(state.torn) or 'none'}")
     print(f"  acknowledged {acked}, started {started}; view matches k = "

@@ -67,6 +67,9 @@ def test_a_tiny_memory_cap_skips_everything_and_says_so(tmp_path):
     assert res["memory_capped_crash_points"] == res["totals"]["crash_points"]
     assert all(s.get("memory_capped") for s in res["per_step"])
     assert "memory cap of 1 MiB: " in summary_line(res, 1.0)
+    # Nothing was judged, so the run cannot pass, and says why first.
+    assert res["verdict"] == "fail"
+    assert summary_line(res, 1.0).startswith("FAIL capped: NOT JUDGED IN FULL (")
     write_reports(tmp_path / "report", [(res, 1.0)])
     page = (tmp_path / "report" / "capped" / "index.html").read_text()
     assert "Partial coverage:" in page and "the memory cap of 1 MiB was reached" in page
@@ -80,14 +83,16 @@ def test_the_cli_memory_cap_overrides_the_scenario_and_keeps_its_hash(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "crashsim", "run", str(path), "--out",
                            str(out), "--workers", "1", "--max-memory-mib", "1"],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr  # complete, but says what it skipped
+    assert proc.returncode == 1, proc.stderr  # finished, but a pass it could not check
     assert "0 states explored" in proc.stdout and "memory cap of 1 MiB" in proc.stdout
+    assert "NOT JUDGED IN FULL" in proc.stdout
     res = json.loads((out / "cli-cap" / "results.json").read_text())
     assert res["scenario"]["explore"]["max_memory_mib"] == 1
     assert res["scenario"]["hash"] == load_scenario(path).digest()
     assert res["skipped_reasons"] == ["memory_cap"]
     junit = (out / "junit.xml").read_text()
     assert 'name="skipped_reasons" value="memory_cap"' in junit
+    assert 'failures="1"' in junit and "a pass cannot be claimed" in junit
     bad = subprocess.run([sys.executable, "-m", "crashsim", "run", str(path),
                           "--max-memory-mib", "0"], capture_output=True, text=True,
                          timeout=60)
@@ -122,7 +127,7 @@ def test_the_cap_drops_the_judge_cache_first_then_skips_the_rest(tmp_path, monke
                for s in steps[5:])
     assert len(steps) == n_points and state["forgets"] == 2
     res = build_results(ctx, steps, str(path))
-    assert res["complete"] is True
+    assert res["complete"] is True and res["verdict"] == "fail"  # pass unchecked
     assert res["memory_capped_crash_points"] == n_points - 5
     assert "memory_cap" in res["skipped_reasons"]
     assert res["totals"]["explored"] == sum(s.explored for s in steps[:5]) > 0

@@ -8,6 +8,8 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
+
 from crashsim.results import dumps
 from crashsim.runner import run_one
 from crashsim.scenario import load_scenario
@@ -91,6 +93,46 @@ def test_replay_of_a_malformed_state_id_is_an_input_error(tmp_path):
     proc = _crashsim("replay", "p9999:w1", "--scenario", str(sc), cwd=tmp_path)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_replay_into_a_missing_folder_is_an_input_error(tmp_path):
+    sc = _write(tmp_path, "nowhere", "commit-before-data-flush")
+    for target in (tmp_path / "no" / "such" / "x.img", tmp_path):  # and a folder
+        proc = _crashsim("replay", "p0:none", "--scenario", str(sc), "--write-image",
+                         str(target), cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+        assert f"--write-image {target}: " in proc.stderr
+
+
+def test_an_image_that_fails_to_write_leaves_no_file(tmp_path, monkeypatch):
+    from crashsim.image import SparseImage
+    image = SparseImage(1 << 20)
+    image.put_sector(3, b"\x01" * 512)
+
+    def full(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SparseImage, "changed_sectors", full)
+    target = tmp_path / "state.img"
+    with pytest.raises(OSError):
+        image.to_file(target)
+    assert not target.exists()
+
+
+def test_executor_options_that_cannot_work_are_input_errors(tmp_path, monkeypatch):
+    sc = _write(tmp_path, "exec")
+    proc = _crashsim("run", str(sc), "--scheduler", "tcp://127.0.0.1:8786", cwd=tmp_path)
+    assert proc.returncode == 2 and "add --executor dask" in proc.stderr
+    assert not (tmp_path / "reports").exists()  # refused before any work
+    import importlib.util
+    from crashsim import dask_executor
+    from crashsim.errors import InputError
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "distributed" else real(name, *a))
+    with pytest.raises(InputError, match=r"pip install 'crashsim\[dask\]'"):
+        dask_executor.require_dask()
 
 
 def test_pytest_plugin_runs_scenarios_and_reports_a_violation(tmp_path):

@@ -267,6 +267,12 @@ def failure_reason(result: dict[str, Any]) -> str:
                 f"expected {expect_text(result)}")
     found = found_classes(result)
     expect = result["scenario"].get("expect", "pass")
+    capped = result.get("memory_capped_crash_points")
+    if capped and expect == "pass" and not found:
+        cap = result["scenario"].get("explore", {}).get("max_memory_mib")
+        return (f"not judged in full: the memory cap of {cap} MiB left {capped} crash "
+                f"points unjudged, so a pass cannot be claimed (raise "
+                f"explore.max_memory_mib or --max-memory-mib)")
     if expect == "pass" or not found:
         head = (f"expected {expect_text(result)}, found "
                 f"{counts_text(violation_counts(result))}")
