@@ -249,6 +249,16 @@ def test_incomplete_run_has_banner(tmp_path):
     assert '<span class="badge fail">FAIL</span>' in page
 
 
+def test_skipped_beyond_exact_counts_is_rounded_as_in_the_summary(tmp_path):
+    result = make_result(name="huge", failing=False)
+    result.update({"skipped_states": None, "skipped_states_log10": 39.486082,
+                   "skipped_reasons": ["max_states_per_step"]})
+    write_reports(tmp_path, [(result, 1.0)])
+    page = (tmp_path / "huge" / "index.html").read_text()
+    assert '<td class="num">~10^39.5</td>' in page
+    assert "39.486082" not in page
+
+
 def test_index_lists_every_scenario(tmp_path, results):
     write_reports(tmp_path, results)
     index = (tmp_path / "index.html").read_text()
