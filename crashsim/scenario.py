@@ -2,7 +2,8 @@
 
 Every problem is reported, not just the first, each as one line
 ``file:line: key: message (got value)``. Unknown and duplicate keys are errors; sizes may
-be written as ``64KiB``. Loading never raises anything but ``ScenarioError``.
+be written as ``64KiB``. Types are strict: true is not 1, "8" in quotes is not 8, and
+"off" is not false. Loading never raises anything but ``ScenarioError``.
 """
 from __future__ import annotations
 
@@ -48,16 +49,28 @@ class ScenarioError(Exception):
         self.lines = lines
 
 
+# What YAML would have read as a number had it not been quoted.
+_NUMBER = re.compile(r"\s*[-+]?(0x[0-9a-fA-F_]+|0o[0-7_]+|0b[01_]+|[0-9][0-9_]*(\.[0-9_]*)?"
+                     r"([eE][-+]?[0-9]+)?|\.[0-9]+([eE][-+]?[0-9]+)?)\s*")
+
+
+def _quoted_number(v: Any) -> bool:
+    return isinstance(v, str) and _NUMBER.fullmatch(v) is not None
+
+
 def _size(v: Any) -> int:
+    # A size string exists for its unit; "512" in quotes is a number written as text,
+    # which strict typing refuses everywhere else too.
+    if _quoted_number(v):
+        raise ValueError(f"expected a size such as 4096 or 64KiB, not a bare number in "
+                         f"quotes: remove the quotes or add a unit (got {v!r})")
     return parse_size(v)
 
 
 def _pattern(v: Any) -> int:
-    if isinstance(v, str):
-        try:
-            v = int(v, 0)
-        except ValueError:
-            raise ValueError(f"expected a byte such as 0xab, got {v!r}") from None
+    if _quoted_number(v):
+        raise ValueError(f"expected a byte 0..255 such as 0xab, not text: remove the "
+                         f"quotes (got {v!r})")
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 255:
         raise ValueError(f"expected a byte 0..255 such as 0xab, got {v!r}")
     return v
@@ -68,7 +81,9 @@ Pattern = Annotated[int, BeforeValidator(_pattern)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: lax mode reads true as 1 and "off" as false, so a typo runs silently
+    # with a value nobody wrote; sizes and bytes take their strings in BeforeValidators
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class CacheConfig(_Strict):
@@ -99,7 +114,7 @@ class DeviceSection(_Strict):
     @field_validator("atomic_write_bytes", mode="before")
     @classmethod
     def _atomic(cls, v: Any) -> int:
-        v = parse_size(v)
+        v = _size(v)
         if v not in (512, 4096):
             raise ValueError("atomic_write_bytes must be 512 or 4096 (a power of two "
                              "the device writes all-or-nothing)")
@@ -515,12 +530,41 @@ def _format_error(path: Path, data: Any, err: dict) -> str:
         msg = "unknown key (check the spelling against the scenario reference)"
     elif err["type"] == "missing":
         msg = "required key is missing"
+    elif err["type"] in _TYPE_WORDS:
+        msg = _type_msg(err["type"], err.get("input"))
     elif err["type"] == "string_pattern_mismatch" and loc == ("name",):
         msg = ("use only letters, digits, '.', '_' and '-', 1 to 100 of them, starting "
                "with a letter or digit (it names the report folder)")
     got = "" if err["type"] == "missing" or "got" in msg else \
         f" (got {_short(err.get('input'))})"
     return f"{path}:{_line_of(data, loc)}: {key}: {msg}{got}"
+
+
+_TYPE_WORDS = {"int_type": "a whole number", "float_type": "a number",
+               "bool_type": "true or false"}
+
+
+def _type_msg(kind: str, value: Any) -> str:
+    """A strict type error as what was expected and, for a near miss, how to write it."""
+    msg = f"expected {_TYPE_WORDS[kind]}"
+    if kind == "bool_type":
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return msg + ", not text: remove the quotes"
+        if isinstance(value, str) and value.strip().lower() in ("yes", "no", "on", "off",
+                                                                "y", "n"):
+            return msg + "; YAML 1.2 reads yes, no, on and off as text"
+        if isinstance(value, str):
+            return msg + ", not text"
+        if isinstance(value, (int, float)):
+            return msg + ", not a number"
+        return msg
+    if isinstance(value, bool):
+        return msg + ", not true/false"
+    if _quoted_number(value):
+        return msg + ", not text: remove the quotes"
+    if kind == "int_type" and isinstance(value, float):
+        return msg + ", written without a decimal point or exponent"
+    return msg
 
 
 def _short(value: Any) -> str:

@@ -114,3 +114,82 @@ def test_yaml_alias_bomb_is_refused(tmp_path):
     with pytest.raises(ScenarioError) as err:
         load_scenario(path)
     assert "aliases" in str(err.value)
+
+
+def _one_error_line(tmp_path: Path, case: str, text: str) -> tuple[Path, str]:
+    """Run the CLI on ``text``: exit 2, no traceback, and exactly one line, returned."""
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(text)
+    proc = _run_cli("run", str(path), "--out", str(tmp_path / "out"), "--workers", "1",
+                    cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    return path, lines[0]
+
+
+# (case id, file text, line, key, words the one line must hold after "key: ")
+WRONG_TYPES = [
+    ("states-true", GOOD.replace("max_states_per_step: 8", "max_states_per_step: true"),
+     7, "explore.max_states_per_step", ["expected a whole number", "not true/false"]),
+    ("seed-false", GOOD.replace("max_states_per_step: 8", "max_states_per_step: 8, "
+                                "seed: false"),
+     7, "explore.seed", ["expected a whole number", "not true/false"]),
+    ("states-fraction", GOOD.replace("max_states_per_step: 8", "max_states_per_step: 8.5"),
+     7, "explore.max_states_per_step", ["expected a whole number"]),
+    ("states-quoted", GOOD.replace("max_states_per_step: 8", 'max_states_per_step: "8"'),
+     7, "explore.max_states_per_step", ["expected a whole number", "remove the quotes"]),
+    ("recovery-crash-yes", GOOD.replace("max_states_per_step: 8", 'max_states_per_step: 8, '
+                                        'recovery_crash: "yes"'),
+     7, "explore.recovery_crash", ["expected true or false"]),
+    ("shrink-off", GOOD.replace("max_states_per_step: 8", 'max_states_per_step: 8, '
+                                'shrink: "off"'),
+     7, "explore.shrink", ["expected true or false"]),
+    ("shrink-one", GOOD.replace("max_states_per_step: 8", "max_states_per_step: 8, "
+                                "shrink: 1"),
+     7, "explore.shrink", ["expected true or false", "not a number"]),
+    ("atomic-quoted", GOOD + 'device: {atomic_write_bytes: "512"}\n', 8,
+     "device.atomic_write_bytes", ["expected a size such as 4096 or 64KiB",
+                                   "remove the quotes"]),
+    ("length-quoted", GOOD.replace("length: 4KiB", 'length: "4096"'), 6,
+     "workload.ops.0.log_write.length", ["remove the quotes"]),
+    ("pattern-quoted", GOOD.replace("pattern: 0xab", 'pattern: "0xab"'), 6,
+     "workload.ops.0.log_write.pattern", ["expected a byte 0..255 such as 0xab",
+                                          "remove the quotes"]),
+    ("latency-quoted", GOOD + 'device: {latency_us: {write: "100"}}\n', 8,
+     "device.latency_us.write", ["expected a number", "remove the quotes"]),
+    ("latency-true", GOOD + "device: {latency_us: {flush: true}}\n", 8,
+     "device.latency_us.flush", ["expected a number", "not true/false"]),
+    ("random-count-quoted", GOOD.replace("  ops:", '  random: {count: "5"}\n  ops:'), 5,
+     "workload.random.count", ["expected a whole number", "remove the quotes"]),
+]
+
+
+@pytest.mark.parametrize("case,text,line,key,words", WRONG_TYPES,
+                         ids=[w[0] for w in WRONG_TYPES])
+def test_wrong_type_is_one_line_naming_the_expected_type(tmp_path, case, text, line, key,
+                                                         words):
+    """No lax coercion: true is not 1, "yes" is not true, "512" is not 512."""
+    path, err = _one_error_line(tmp_path, case, text)
+    assert err.startswith(f"crashsim: error: {path}:{line}: {key}: "), err
+    for word in words:
+        assert word in err, err
+
+
+def test_right_types_still_load(tmp_path):
+    """Strictness refuses only wrong types: ints for floats, hex bytes and size strings
+    (quoted or not, with a unit) are what scenarios are written with."""
+    path = tmp_path / "ok.yaml"
+    path.write_text(GOOD.replace("max_states_per_step: 8", "max_states_per_step: 8, "
+                                 "seed: 0x10, recovery_crash: true, shrink: false")
+                    .replace("length: 4KiB", 'length: "8 KiB"')
+                    + "device: {atomic_write_bytes: 4KiB, latency_us: {write: 100, "
+                      "flush: 2.5e3}, cache: {capacity_bytes: \"256KiB\"}}\n")
+    sc = load_scenario(path)
+    assert (sc.explore.seed, sc.explore.recovery_crash, sc.explore.shrink) == (16, True,
+                                                                               False)
+    assert sc.device.atomic_write_bytes == 4096
+    assert sc.device.latency_us.write == 100.0 and sc.device.latency_us.flush == 2500.0
+    assert sc.device.cache.capacity_bytes == 256 << 10
+    assert sc.ops()[0].length == 8 << 10
