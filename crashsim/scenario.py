@@ -532,6 +532,8 @@ def _format_error(path: Path, data: Any, err: dict) -> str:
         msg = "required key is missing"
     elif err["type"] in _TYPE_WORDS:
         msg = _type_msg(err["type"], err.get("input"))
+    elif err["type"] == "string_type":
+        msg = _string_msg(loc, err.get("input"))
     elif err["type"] == "string_pattern_mismatch" and loc == ("name",):
         msg = ("use only letters, digits, '.', '_' and '-', 1 to 100 of them, starting "
                "with a letter or digit (it names the report folder)")
@@ -565,6 +567,21 @@ def _type_msg(kind: str, value: Any) -> str:
     if kind == "int_type" and isinstance(value, float):
         return msg + ", written without a decimal point or exponent"
     return msg
+
+
+def _string_msg(loc: tuple, value: Any) -> str:
+    # YAML reads name: 12345 (or true, or a date) as that type, not as the text written
+    if value is None or isinstance(value, (dict, list)):
+        return "expected a string"
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif type(value) is int:
+        text = str(value)
+    else:   # 0x1f, 1e3, 2024-01-01: the form written is not kept; show none
+        return "expected a string; put it in quotes"
+    leaf = loc[-1] if loc and isinstance(loc[-1], str) else None
+    example = f'{leaf}: "{text}"' if leaf else f'"{text}"'
+    return f"expected a string; put it in quotes: {example}"
 
 
 def _short(value: Any) -> str:

@@ -215,7 +215,7 @@ BOMBS = [
     ("huge-integer", HEAD + "explore: {seed: 1" + "0" * 5000 + "}\n", 3,
      "a number of 5001 digits"),
     ("python-tag", 'name: !!python/object/apply:os.system ["touch PWNED"]\n'
-     "writer: {kind: wal}\n", 1, "name: Input should be a valid string"),
+     "writer: {kind: wal}\n", 1, "name: expected a string"),
 ]
 
 

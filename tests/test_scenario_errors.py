@@ -193,3 +193,23 @@ def test_right_types_still_load(tmp_path):
     assert sc.device.latency_us.write == 100.0 and sc.device.latency_us.flush == 2500.0
     assert sc.device.cache.capacity_bytes == 256 << 10
     assert sc.ops()[0].length == 8 << 10
+
+
+# (case id, file text, line, key, the quoted form the line must suggest)
+UNQUOTED_STRINGS = [
+    ("name-digits", GOOD.replace("name: ok", "name: 12345"), 1, "name", 'name: "12345"'),
+    ("description-bool", GOOD + "description: true\n", 8, "description",
+     'description: "true"'),
+    ("writer-kind-number", GOOD.replace("kind: wal", "kind: 42"), 2, "writer.kind",
+     'kind: "42"'),
+]
+
+
+@pytest.mark.parametrize("case,text,line,key,quoted", UNQUOTED_STRINGS,
+                         ids=[u[0] for u in UNQUOTED_STRINGS])
+def test_number_where_text_is_expected_says_to_quote_it(tmp_path, case, text, line, key,
+                                                        quoted):
+    """YAML reads name: 12345 as a number although the name pattern allows digits."""
+    path, err = _one_error_line(tmp_path, case, text)
+    assert err.startswith(f"crashsim: error: {path}:{line}: {key}: expected a string; "
+                          f"put it in quotes: {quoted}"), err
