@@ -515,7 +515,14 @@ def _format_errors(path: Path, data: Any, errors: list[dict]) -> list[str]:
         if err["type"] == "literal_error" and isinstance(err.get("input"), dict) \
                 and "literal['pass']" in err["loc"]:
             continue
-        line = _format_error(path, data, err)
+        # Neither form (expect: fail): one problem, so one line giving both forms.
+        if err["loc"][:1] == ("expect",) and len(err["loc"]) == 2 \
+                and not isinstance(err.get("input"), dict):
+            line = (f"{path}:{_line_of(data, ('expect',))}: expect: must be pass or "
+                    f"{{violations: [...]}} naming one or more of "
+                    f"{', '.join(VIOLATION_CLASSES)} (got {_short(err.get('input'))})")
+        else:
+            line = _format_error(path, data, err)
         if line not in lines:
             lines.append(line)
     return lines

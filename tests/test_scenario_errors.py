@@ -213,3 +213,13 @@ def test_number_where_text_is_expected_says_to_quote_it(tmp_path, case, text, li
     path, err = _one_error_line(tmp_path, case, text)
     assert err.startswith(f"crashsim: error: {path}:{line}: {key}: expected a string; "
                           f"put it in quotes: {quoted}"), err
+
+
+@pytest.mark.parametrize("value,got", [("fail", "'fail'"), ("[lost]", "['lost']"),
+                                       ("true", "True")], ids=["word", "list", "bool"])
+def test_bad_expect_is_one_line_listing_the_valid_values(tmp_path, value, got):
+    """expect is pass or a mapping; a wrong value is one problem, not one per form."""
+    path, err = _one_error_line(tmp_path, "expect", GOOD + f"expect: {value}\n")
+    assert err == (f"crashsim: error: {path}:8: expect: must be pass or {{violations: "
+                   f"[...]}} naming one or more of mixed, lost, recovery-error, stuck, "
+                   f"structure (got {got})"), err
