@@ -7,9 +7,11 @@ be written as ``64KiB``. Types are strict: true is not 1, "8" in quotes is not 8
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import re
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -401,9 +403,27 @@ def _read_yaml(path: Path) -> CommentedMap:
         raise ScenarioError([f"{path}:1: empty scenario: it needs at least name and "
                              f"writer"])
     if not isinstance(data, CommentedMap):
-        raise ScenarioError([f"{path}:1: a scenario is a mapping of keys (name, writer, "
-                             f"...), got {type(data).__name__}"])
+        line = data.lc.line + 1 if isinstance(data, CommentedSeq) else 1
+        raise ScenarioError([f"{path}:{line}: the top level must be a mapping of keys "
+                             f"(name: ..., writer: ...), got {_yaml_kind(data)}"])
     return data
+
+
+def _yaml_kind(value: Any) -> str:
+    # in the user's YAML words: ruamel's class names (CommentedSeq) mean nothing to them
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, AbstractSet):
+        return "a set"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return "a date"
+    return "a single value, not keys"
 
 
 def _read_text(path: Path) -> str:

@@ -223,3 +223,18 @@ def test_bad_expect_is_one_line_listing_the_valid_values(tmp_path, value, got):
     assert err == (f"crashsim: error: {path}:8: expect: must be pass or {{violations: "
                    f"[...]}} naming one or more of mixed, lost, recovery-error, stuck, "
                    f"structure (got {got})"), err
+
+
+@pytest.mark.parametrize("text,line,got", [
+    ("- name: x\n- writer: {kind: wal}\n", 1, "a list"),
+    ("# a list after a comment\n\n- a\n", 3, "a list"),
+    ("hello\n", 1, "a string"),
+    ("42\n", 1, "a number"),
+    ("1.5\n", 1, "a number"),
+    ("true\n", 1, "true/false"),
+], ids=["list", "list-after-comment", "string", "int", "float", "bool"])
+def test_top_level_that_is_not_a_mapping_says_what_it_is(tmp_path, text, line, got):
+    """The user wrote YAML, not Python: name the YAML kind, never a ruamel class."""
+    path, err = _one_error_line(tmp_path, "top", text)
+    assert err == (f"crashsim: error: {path}:{line}: the top level must be a mapping of "
+                   f"keys (name: ..., writer: ...), got {got}"), err
