@@ -250,9 +250,12 @@ class TraceSection(_Strict):
             if self.create is not None:
                 raise ValueError("create makes the image a record command writes; "
                                  "with log, give base_image instead")
-            if self.base_image is None and self.final_size is None:
-                raise ValueError("with log, give base_image (the image before the "
-                                 "recording) or final_size (a blank image of that size)")
+            # blklogwrites needs final_size whatever else is given: _check_trace says why
+            if self.format == "dm-log-writes" and self.base_image is None \
+                    and self.final_size is None:
+                raise ValueError("with a dm-log-writes log, give base_image (the device "
+                                 "as it was before the recording) or final_size (the "
+                                 "device's size, when it was all zeros before)")
         else:
             if (self.base_image is None) == (self.create is None):
                 raise ValueError("with record, give exactly one of base_image (copied "
@@ -644,6 +647,14 @@ def _check_trace_shape(path: Path, data: CommentedMap) -> bool:
 def _check_trace(path: Path, data: Any, scenario: Scenario) -> None:
     problems = []
     t = scenario.trace
+    if t.log is not None and t.format == "blklogwrites" and t.final_size is None:
+        # QEMU's image drivers grow the file with bdrv_truncate, which blklogwrites does
+        # not log, so neither the log nor the base image says how long the file was; a
+        # guessed length yields crash states no real file held (false recovery errors).
+        problems.append(f"{path}:{_line_of(data, ('trace', 'log'))}: trace.final_size: "
+                        f"required with a blklogwrites log, which does not record the "
+                        f"image file's growth; add final_size: the size in bytes of the "
+                        f"image file after the recording (e.g. stat -c %s image.vhdx)")
     for key in ("log", "base_image"):
         name = getattr(t, key)
         if name is not None and not scenario.resolve_path(name).is_file():

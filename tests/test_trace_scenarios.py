@@ -192,6 +192,51 @@ def test_trace_paths_resolve_against_the_scenario_folder(tmp_path):
         load_scenario(path)
 
 
+def _blklogwrites_scenario(tmp_path: Path, trace: str) -> Path:
+    linux_log(tmp_path / "rec.log")  # the format is the same; only the semantics differ
+    (tmp_path / "base.img").write_bytes(bytes(64 * 1024))
+    path = tmp_path / "q.yaml"
+    path.write_text(f"name: q\n"
+                    f"trace: {trace}\n"
+                    f"recovery: {{builtin: none}}\n"
+                    f"probe: none\n"
+                    f"{_model_yaml(LINUX_OPS)}")
+    return path
+
+
+def test_blklogwrites_log_without_final_size_is_exit_2(tmp_path):
+    # blklogwrites never logs the file's growth: without final_size crashsim would have
+    # to guess the file's length, and a wrong guess made every state a recovery-error
+    path = _blklogwrites_scenario(tmp_path, "{log: rec.log, base_image: base.img, "
+                                  "image_format: raw}")
+    proc = _cli("run", str(path), "--out", str(tmp_path / "out"), "--workers", "1")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        f"crashsim: error: {path}:2: trace.final_size: required with a blklogwrites "
+        f"log, which does not record the image file's growth; add final_size: the size "
+        f"in bytes of the image file after the recording (e.g. stat -c %s image.vhdx)"]
+    path.write_text(path.read_text().replace("image_format: raw", "image_format: raw, "
+                                             "final_size: 64KiB"))
+    assert _load(path).trace.final_size == 64 * 1024
+    # no base image: final_size alone is enough (a blank file of that size)
+    path.write_text(path.read_text().replace("base_image: base.img, ", ""))
+    assert _load(path).trace.base_image is None
+
+
+def test_dm_log_writes_log_needs_base_image_or_final_size(tmp_path):
+    path = _blklogwrites_scenario(tmp_path, "{log: rec.log, format: dm-log-writes, "
+                                  "image_format: raw}")
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(path)
+    assert err.value.lines[0].startswith(
+        f"{path}:2: trace: with a dm-log-writes log, give base_image (the device as it "
+        f"was before the recording) or final_size")
+    # a block device does not grow: its size is the base image's
+    path.write_text(path.read_text().replace("image_format: raw", "image_format: raw, "
+                                             "base_image: base.img"))
+    assert _load(path).trace.final_size is None
+
+
 # -- (a) crashsim's replay against QEMU's, on one real recording ---------------------------
 QEMU_WRITES = [(0, 0xA1), (64 * 1024, 0xA2), (1 << 20, 0xA3)]  # the 2nd needs no allocation
 
