@@ -45,7 +45,9 @@ Which order the log is in (and why the serial step model is right for it):
 - QEMU logs each request after its own I/O on the file completed: completion order. It
   never sets FUA (the block layer emulates FUA with a flush, which is logged), and the
   file growth done by ``bdrv_truncate`` is not logged at all, so the replay target is the
-  base image already extended to the final size (a resize recorded at step 0).
+  base image already extended to the final size (a resize recorded at step 0), which the
+  caller must know (``final_size_bytes``, or ``DmLog.image_size_bytes`` from
+  ``record_qemu``): the log alone cannot tell it.
 - DISCARD becomes a write of zeros. On the replay targets here a discarded range reads
   as zeros (QEMU's file-posix punches a hole; fstests' replay-log falls back to writing
   zeros), and a discard that did not reach media leaves the old data, which is what an
@@ -301,9 +303,12 @@ def _device_size(log: DmLog, base: SparseImage, semantics: Semantics,
     if semantics == "qemu":
         if log.image_size_bytes is not None:
             return log.image_size_bytes
-        # Without the real size, the file is at least as long as its last logged write.
-        ends = [log.byte_range(e)[1] for e in log.entries if e.is_write]
-        return max([base.size_bytes, *ends])
+        # The end of the last logged write is only a lower bound: QEMU truncates the file
+        # to whole blocks it then writes in part, so a guessed length gives crash states
+        # no real file held (recovery refuses them as truncated).
+        raise ValueError(f"{log.path}: a blklogwrites log does not record the image "
+                         f"file's growth; pass final_size_bytes: the image file's size "
+                         f"after the recording")
     return base.size_bytes
 
 

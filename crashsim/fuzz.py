@@ -1387,6 +1387,8 @@ def dmlog_trace_paths(path: Path, rng: random.Random) -> None:
     base = SparseImage(rng.choice([64 * KiB, MiB]))
     for semantics in ("linux", "qemu"):
         final = rng.choice([None, None, 512, MiB, 8 * MiB])
+        if final is None and semantics == "qemu":  # a qemu log needs its file's size
+            final = base.size_bytes
         try:
             to_trace(log, base, semantics, final, rng.choice([512, 4096]))
         except DmLogError as exc:

@@ -273,7 +273,7 @@ def test_huge_discard_after_a_far_write_is_a_dmlog_error(tmp_path):
                      flush_entry()])
     log = read_log(path)
     with pytest.raises(DmLogError) as exc:
-        to_trace(log, SparseImage(MiB), "qemu")
+        to_trace(log, SparseImage(MiB), "qemu", (1 << 49) + 512)
     assert exc.value.entry_index == 1 and exc.value.offset == 0x600
     assert "discard of 0x2000000000000 bytes" in str(exc.value)
     with pytest.raises(DmLogError, match="entry 1 at offset 0x600"):
