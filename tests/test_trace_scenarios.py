@@ -237,6 +237,96 @@ def test_dm_log_writes_log_needs_base_image_or_final_size(tmp_path):
     assert _load(path).trace.final_size is None
 
 
+def _vhdx_base_scenario(tmp_path: Path, trace: str) -> Path:
+    linux_log(tmp_path / "rec.log")
+    path = tmp_path / "b.yaml"
+    path.write_text(f"name: b\n"
+                    f"trace: {trace}\n"
+                    f"recovery: {{builtin: vhdx}}\n"
+                    f"{_model_yaml(LINUX_OPS)}")
+    return path
+
+
+def _good_vhdx() -> bytes:
+    import random
+    from crashsim.writers.vhdx.create import create_image
+    with __import__("tempfile").TemporaryDirectory() as tmp:
+        out = Path(tmp) / "good.vhdx"
+        create_image(8 << 20, rng=random.Random(1)).to_file(out)
+        return out.read_bytes()
+
+
+def _headers_damaged(blob: bytes) -> bytes:
+    out = bytearray(blob)
+    for slot in (0x10000, 0x20000):
+        out[slot:slot + 4] = b"HEAD"
+    return bytes(out)
+
+
+@pytest.mark.parametrize("case,content,needle", [
+    ("random", lambda: os.urandom(4 << 20), "not a VHDX file: signature"),
+    ("zeros", lambda: bytes(4 << 20), "not a VHDX file: signature b'\\x00"),
+    ("both-headers-damaged", lambda: _headers_damaged(_good_vhdx()),
+     "no valid VHDX header: header 1: header signature is b'HEAD'"),
+])
+def test_base_image_that_does_not_open_is_exit_2(tmp_path, case, content, needle):
+    # every crash state starts from the base image: one that does not open was a
+    # traceback (probe: its size) or a recovery-error in every state (exit 1)
+    base = tmp_path / "base.vhdx"
+    base.write_bytes(content())
+    for probe in ("builtin", "none"):
+        path = _vhdx_base_scenario(tmp_path, "{log: rec.log, format: dm-log-writes, "
+                                   "base_image: base.vhdx}")
+        path.write_text(path.read_text() + f"probe: {probe}\n")
+        proc = _cli("run", str(path), "--out", str(tmp_path / "out"), "--workers", "1")
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.splitlines()
+        assert len(lines) == 1, proc.stderr
+        assert lines[0].startswith(f"crashsim: error: b: {base}: trace.base_image is not "
+                                   f"a VHDX crashsim can open: {needle}"), lines[0]
+        assert lines[0].endswith("give the image file as it was before the recording "
+                                 "(or image_format: raw for a raw image)")
+        assert not (tmp_path / "out" / "b").exists()
+
+
+def test_a_base_image_that_opens_is_accepted(tmp_path):
+    (tmp_path / "base.vhdx").write_bytes(_good_vhdx())
+    path = _vhdx_base_scenario(tmp_path, "{log: rec.log, format: dm-log-writes, "
+                               "base_image: base.vhdx}")
+    ctx = build_context(_load(path))
+    assert ctx.trace.base.size_bytes == (tmp_path / "base.vhdx").stat().st_size
+
+
+def test_final_size_that_cuts_the_base_image_or_blank_vhdx_is_exit_2(tmp_path):
+    (tmp_path / "base.vhdx").write_bytes(_good_vhdx())
+    path = _vhdx_base_scenario(tmp_path, "{log: rec.log, format: dm-log-writes, "
+                               "base_image: base.vhdx, final_size: 1MiB}")
+    proc = _cli("run", str(path), "--out", str(tmp_path / "out"), "--workers", "1")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(
+        "crashsim: error: b: trace.final_size: the image before the recording, made "
+        "1048576 bytes long, no longer opens as a VHDX: ") and \
+        len(proc.stderr.splitlines()) == 1, proc.stderr
+    path = _vhdx_base_scenario(tmp_path, "{log: rec.log, format: dm-log-writes, "
+                               "final_size: 1MiB}")
+    proc = _cli("run", str(path), "--out", str(tmp_path / "out"), "--workers", "1")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "crashsim: error: b: trace: without base_image the image before the recording is "
+        "all zeros, which is not a VHDX; give base_image: the image file as it was before "
+        "the recording (or image_format: raw for a raw image)"]
+
+
+def test_created_image_that_is_not_a_vhdx_is_exit_2(tmp_path):
+    path = _vhdx_base_scenario(tmp_path, '{create: [truncate, -s, 1M, "{image}"], '
+                               'record: ["true", "{log}"]}')
+    proc = _cli("run", str(path), "--out", str(tmp_path / "out"), "--workers", "1")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("crashsim: error: b: the image trace.create made is "
+                                  "not a VHDX crashsim can open: not a VHDX file") and \
+        len(proc.stderr.splitlines()) == 1, proc.stderr
+
+
 # -- (a) crashsim's replay against QEMU's, on one real recording ---------------------------
 QEMU_WRITES = [(0, 0xA1), (64 * 1024, 0xA2), (1 << 20, 0xA3)]  # the 2nd needs no allocation
 

@@ -82,7 +82,8 @@ _MAX_DECISIONS = 12
 
 
 class TraceError(Exception):
-    """The model does not describe the recorded I/O; one line naming the op and the fix."""
+    """The trace's inputs cannot be used (the model does not describe the recorded I/O,
+    the image before the recording does not open); one line naming the culprit and fix."""
 
 
 @dataclass(frozen=True)
@@ -141,16 +142,24 @@ class RecordedWriter:
             log = read_log(self.scenario.resolve_path(t.log))
             base = (SparseImage.from_file(self.scenario.resolve_path(t.base_image))
                     if t.base_image is not None else SparseImage(t.final_size))
+            self._check_base(base)
             final_size = t.final_size
         else:
             log, base, final_size = self._record()
         trace = to_trace(log, base, _SEMANTICS[t.format], final_size,
                          self.scenario.device.atomic_write_bytes)
+        if trace.base.size_bytes != base.size_bytes:
+            self._check_base(trace.base, resized=True)
         trace.writethrough = self.scenario.device.cache.mode == "writethrough"
         trace.lying_flush = "lying_flush" in self.scenario.device.faults
         mark_transactions(trace, self.ops)
         if self.scenario.probe != "none":  # a model with no room for the probe: say so now
-            self._probe_range(ImageDevice(trace.base.fork()))
+            try:
+                self._probe_range(ImageDevice(trace.base.fork()))
+            except RecoveryError as exc:  # opened above, so only a stricter parse gets here
+                raise TraceError(f"the image before the recording: {exc}; the liveness "
+                                 f"probe needs the guest disk's size (or set probe: "
+                                 f"none)") from None
         return trace
 
     def _record(self):
@@ -163,12 +172,42 @@ class RecordedWriter:
             else:
                 shutil.copyfile(self.scenario.resolve_path(t.base_image), image)
             base = SparseImage.from_file(image)
+            self._check_base(base)
             log_path.write_bytes(b"")  # blklogwrites opens the log, it never creates it
             run_checked(t.record, placeholders={**self._places(image), "log": str(log_path)},
                         timeout_s=t.timeout_s, cwd=tmp)
             log = read_log(log_path)
             log.image_size_bytes = image.stat().st_size
         return log, base, t.final_size or log.image_size_bytes
+
+    def _check_base(self, base: SparseImage, resized: bool = False) -> None:
+        """The image before the recording opens: every crash state starts from it, so one
+        that does not would make every state a recovery-error, which is bad input, not a
+        finding."""
+        if self.image_format != "vhdx":
+            return  # a raw image has no structure that could fail to open
+        try:
+            open_vhdx(ImageDevice(base))
+        except RecoveryError as exc:
+            raise TraceError(self._base_problem(exc, resized)) from None
+
+    def _base_problem(self, exc: RecoveryError, resized: bool) -> str:
+        t = self.trace_cfg
+        if resized:
+            return (f"trace.final_size: the image before the recording, made "
+                    f"{t.final_size} bytes long, no longer opens as a VHDX: {exc}; "
+                    f"final_size must be the image file's size after the recording "
+                    f"(e.g. stat -c %s image.vhdx)")
+        if t.base_image is not None:
+            return (f"{self.scenario.resolve_path(t.base_image)}: trace.base_image is not "
+                    f"a VHDX crashsim can open: {exc}; give the image file as it was "
+                    f"before the recording (or image_format: raw for a raw image)")
+        if t.create is not None:
+            return (f"the image trace.create made is not a VHDX crashsim can open: {exc}; "
+                    f"create must make the VHDX image the recording starts from")
+        return ("trace: without base_image the image before the recording is all zeros, "
+                "which is not a VHDX; give base_image: the image file as it was before "
+                "the recording (or image_format: raw for a raw image)")
 
     # -- the Writer protocol -------------------------------------------------------------
     def format_image(self) -> SparseImage:
