@@ -32,7 +32,11 @@ READ_CHUNK_BYTES = 4 << 20
 
 
 class CliError(Exception):
-    """Bad input: printed as one line naming the file."""
+    """Bad input: printed as one line naming the file (``path``, else the image)."""
+
+    def __init__(self, reason: str, path: str | None = None):
+        super().__init__(reason)
+        self.path = path
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -73,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # the reader (e.g. head) went away: not the image's fault
         return 0
     except (RecoveryError, CliError, ValueError, OSError) as exc:
-        print(f"crashsim: error: {args.image}: {_reason(exc)}", file=sys.stderr)
+        path = getattr(exc, "path", None) or args.image
+        print(f"crashsim: error: {path}: {_reason(exc)}", file=sys.stderr)
         return EXIT_INPUT
 
 
@@ -226,9 +231,60 @@ def cmd_read(args: argparse.Namespace) -> int:
             _stream(drv, sys.stdout.buffer, sparse=False)
             sys.stdout.buffer.flush()
         else:
-            with open(args.output, "wb") as out:
+            _check_output(args.image, args.output)
+            with _Output(args.output) as out:
                 _stream(drv, out, sparse=True)
     return EXIT_OK
+
+
+def _check_output(image: str, output: str) -> None:
+    # opening the output truncates it: were it the image, the read would destroy it
+    try:
+        same = os.path.samefile(image, output)
+    except OSError:
+        same = False
+    if same:
+        raise CliError("the output file is the image being read; give another -o file",
+                       output)
+
+
+class _Output:
+    """The -o file; an error writing it names it, not the image being read."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.file = open(path, "wb")
+        except OSError as exc:
+            raise self._error("cannot create the output file", exc) from None
+
+    def _error(self, what: str, exc: OSError) -> CliError:
+        return CliError(f"{what}: {exc.strerror or exc}", self.path)
+
+    def _do(self, method: str, *args):
+        try:
+            return getattr(self.file, method)(*args)
+        except OSError as exc:
+            raise self._error("cannot write the output file", exc) from None
+
+    def write(self, data: bytes) -> int:
+        return self._do("write", data)
+
+    def seek(self, offset: int) -> int:
+        return self._do("seek", offset)
+
+    def truncate(self, size: int) -> int:
+        return self._do("truncate", size)
+
+    def __enter__(self) -> "_Output":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.file.close()  # flushes: a full disk may only show here
+        except OSError as err:
+            if exc[0] is None:
+                raise self._error("cannot write the output file", err) from None
 
 
 def _stream(drv: VhdxDriver, out: BinaryIO, *, sparse: bool) -> None:

@@ -360,3 +360,23 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     _one_line_error(_cli("info", str(missing)), missing, "no such file")
     _one_line_error(_cli("write", str(good), "1GiB", "4KiB"), good, "outside")
     assert "(at offset 0x" in _cli("info", str(junk)).stderr
+
+
+def test_cli_read_output_errors_name_the_output_file(tmp_path):
+    good = tmp_path / "good.vhdx"
+    create_image(8 * MiB, rng=random.Random(1)).to_file(good)
+    before = good.read_bytes()
+    missing = tmp_path / "nonexist" / "x.raw"
+    _one_line_error(_cli("read", str(good), "-o", str(missing)), missing,
+                    "cannot create the output file: No such file or directory")
+    _one_line_error(_cli("read", str(good), "-o", str(tmp_path)), tmp_path,
+                    "cannot create the output file: Is a directory")
+    if os.path.exists("/dev/full"):  # a write that fails after the open succeeded
+        _one_line_error(_cli("read", str(good), "-o", "/dev/full"), Path("/dev/full"),
+                        "cannot write the output file: ")
+    # -o the image itself would truncate the image before reading it
+    _one_line_error(_cli("read", str(good), "-o", str(good)), good,
+                    "the output file is the image being read")
+    assert good.read_bytes() == before
+    assert _cli_in_process("read", str(good), "-o", str(tmp_path / "ok.raw")) == 0
+    assert (tmp_path / "ok.raw").stat().st_size == 8 * MiB
