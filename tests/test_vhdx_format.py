@@ -57,6 +57,32 @@ def test_choose_header_by_sequence_and_validity():
         f.choose_header(bytes(4096), bytes(4096))
 
 
+def test_no_valid_header_names_each_offset_once():
+    with pytest.raises(f.VhdxCorrupt) as exc:
+        good = f.header_block(_header(3))
+        f.choose_header(b"HEAD" + bytes(4092), good[:100] + b"\x01" + good[101:])
+    text = str(exc.value)
+    assert text == ("no valid VHDX header: header 1: header signature is b'HEAD', expected "
+                    "b'head' (at offset 0x10000); header 2: header checksum mismatch (at "
+                    "offset 0x20004)")
+    assert (exc.value.offset, exc.value.code) == (0x10000, "no-header")
+
+
+def test_cli_info_on_a_sample_with_both_headers_damaged(sample, capsys):
+    from crashsim import vhdx_cli
+    path = sample("iotest-dynamic-1G.vhdx")
+    with open(path, "r+b") as fh:
+        for slot in f.HEADER_SLOTS:
+            fh.seek(slot)
+            fh.write(b"XXXX")
+    assert vhdx_cli.main(["vhdx", "info", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"crashsim: error: {path}: no valid VHDX header: header 1: header signature is "
+        f"b'XXXX', expected b'head' (at offset 0x10000); header 2: header signature is "
+        f"b'XXXX', expected b'head' (at offset 0x20000)"]
+
+
 def test_equal_sequence_numbers_disk2vhd_exception():
     a = f.header_block(_header(1))
     slot, h, notes = f.choose_header(a, a)

@@ -228,8 +228,11 @@ def choose_header(block1: bytes, block2: bytes) -> tuple[int, Header, list[str]]
             notes.append(f"header {i + 1}: {exc}")
     h1, h2 = found
     if h1 is None and h2 is None:
-        raise VhdxCorrupt("no valid VHDX header: " + "; ".join(notes), HEADER_SLOTS[0],
-                          "no-header")
+        # Each note names its own offset already; the error keeps header 1's for callers
+        # without appending it to the message a second time.
+        exc = VhdxCorrupt("no valid VHDX header: " + "; ".join(notes), None, "no-header")
+        exc.offset = HEADER_SLOTS[0]
+        raise exc
     if h2 is None or (h1 is not None and h1.sequence_number > h2.sequence_number):
         return 0, h1, notes
     if h1 is None or h2.sequence_number > h1.sequence_number:
