@@ -83,6 +83,47 @@ def test_cli_info_on_a_sample_with_both_headers_damaged(sample, capsys):
         f"b'XXXX', expected b'head' (at offset 0x20000)"]
 
 
+def _short_image(content: bytes):
+    from crashsim.image import SparseImage
+    img = SparseImage(len(content))
+    if content:
+        img.write(0, content)
+    return img
+
+
+def _short_file(tmp_path, name: str, content: bytes):
+    path = tmp_path / name
+    path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "file is empty (0 bytes), too short to be a VHDX, whose first header ends at "
+          "0x11000 (at offset 0x0)"),
+    (bytes(100), "file is 100 bytes, too short to be a VHDX, whose first header ends at "
+                 "0x11000; not a VHDX file either: signature b'" + "\\x00" * 8 + "', "
+                 "expected b'vhdxfile' (at offset 0x0)"),
+    (b"vhd", "file is 3 bytes, too short to be a VHDX, whose first header ends at "
+             "0x11000; not a VHDX file either: signature b'vhd', expected b'vhdxfile' "
+             "(at offset 0x0)"),
+    # a VHDX cut inside its first header: the signature is right, the rest is missing
+    (b"vhdxfile" + bytes(92), "file is truncated: 100 bytes, too short to hold the VHDX "
+                              "headers (at offset 0x64)"),
+])
+def test_empty_or_short_file_is_called_short_with_its_size(tmp_path, capsys, content,
+                                                           message):
+    from crashsim import vhdx_cli
+    from crashsim.writers.vhdx.log import check_signature
+    with pytest.raises(f.VhdxCorrupt) as exc:
+        check_signature(ImageDevice(_short_image(content)))
+    assert str(exc.value) == message and exc.value.code == "truncated"
+    path = _short_file(tmp_path, "short.vhdx", content)
+    for command in ("info", "log", "read", "replay"):
+        assert vhdx_cli.main(["vhdx", command, str(path)]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"crashsim: error: {path}: {message}"]
+
+
 def test_equal_sequence_numbers_disk2vhd_exception():
     a = f.header_block(_header(1))
     slot, h, notes = f.choose_header(a, a)

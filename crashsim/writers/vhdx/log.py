@@ -92,11 +92,24 @@ def as_io(dev: BlockDevice | BlockIO) -> BlockIO:
 
 def check_signature(dev: BlockDevice | BlockIO) -> str:
     """The creator string; VhdxCorrupt if the file is not VHDX or too short for one."""
-    if dev.size_bytes < HEADER_SLOTS[1] + HEADER_BLOCK:
-        if dev.read(0, 8) != FILE_SIGNATURE:
+    size = dev.size_bytes
+    first_end = HEADER_SLOTS[0] + HEADER_BLOCK
+    # Reads past the end return zeros: a short file must be called short, or an empty
+    # one reads as a bad signature of zeros.
+    if size == 0:
+        raise VhdxCorrupt(f"file is empty (0 bytes), too short to be a VHDX, whose first "
+                          f"header ends at {first_end:#x}", 0, "truncated")
+    if size < HEADER_SLOTS[1] + HEADER_BLOCK:
+        signature = dev.read(0, min(size, len(FILE_SIGNATURE)))
+        if signature != FILE_SIGNATURE:
+            if size < first_end:
+                raise VhdxCorrupt(f"file is {size} bytes, too short to be a VHDX, whose "
+                                  f"first header ends at {first_end:#x}; not a VHDX file "
+                                  f"either: signature {signature!r}, expected "
+                                  f"{FILE_SIGNATURE!r}", 0, "truncated")
             parse_file_identifier(dev.read(0, 8))
-        raise VhdxCorrupt(f"file is truncated: {dev.size_bytes} bytes, too short to hold "
-                          f"the VHDX headers", dev.size_bytes, "truncated")
+        raise VhdxCorrupt(f"file is truncated: {size} bytes, too short to hold "
+                          f"the VHDX headers", size, "truncated")
     return parse_file_identifier(dev.read(0, 1024))
 
 
