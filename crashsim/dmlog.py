@@ -339,8 +339,8 @@ def _entry_payload(log: DmLog, index: int, entry: LogEntry, size: int) -> bytes:
     if entry.data and end > size:
         raise DmLogError(log.path, index, entry.log_offset or 0,
                          f"write to {start:#x}..{end:#x} ends past the device size "
-                         f"{size:#x}", "pass final_size_bytes: the recorded image's size "
-                         "after the run")
+                         f"{size:#x}", "set final_size to the image's size after the "
+                         "recording (e.g. stat -c %s)")
     return entry.data
 
 

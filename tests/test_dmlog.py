@@ -183,7 +183,7 @@ def test_write_past_the_device_is_reported(tmp_path):
     with pytest.raises(DmLogError) as err:
         to_trace(read_log(tmp_path / "q.log"), SparseImage(8 * KiB), "linux")
     assert (err.value.entry_index, err.value.offset) == (1, 0x400)
-    assert "pass final_size_bytes" in str(err.value)
+    assert "set final_size to the image's size after the recording" in str(err.value)
 
 
 def test_unknown_semantics(linux_log):
