@@ -31,7 +31,9 @@ Fault and semantics model
   random unit, ``elevator`` sweeps upward by offset and wraps (C-SCAN). Per device unit
   the cache keeps versions in arrival order and only ever destages the oldest one, so a
   newer version never lands before an older one; a newer version that covers an older
-  one replaces it in the cache (and inherits the flushes waiting for it).
+  one replaces it in the cache (and inherits the flushes waiting for it), unless the
+  older one is already being written to media, by the destage or by a FUA write
+  writing it back first: that one lands, and the newer version stays queued after it.
 * Reads return the newest completed data: cached versions over media.
 * ``resize`` changes the file length at once; it is durable when made.
 * Faults (each off by default): ``lying_flush`` acknowledges a flush after its latency
@@ -330,13 +332,18 @@ class SimDevice:
                 yield req
                 if not self._order:
                     continue
-                e = self._pick()
-                e.in_flight = True
-                yield self.env.timeout(self.config.destage_latency_us)
-                self._media_put(e.io_id, e.unit_rel, e.offset, e.data)
-                self._unqueue(e)
-                self._notify(e.waiters)
+                yield from self._write_back(self._pick())
                 self._admit_waiting()
+
+    def _write_back(self, e: _Entry) -> IOGen:
+        """One cached version to media; the caller holds the media lock."""
+        # In flight, it is no longer the cache's to replace: a covering write arriving
+        # meanwhile queues behind it instead of dropping what is being written.
+        e.in_flight = True
+        yield self.env.timeout(self.config.destage_latency_us)
+        self._media_put(e.io_id, e.unit_rel, e.offset, e.data)
+        self._unqueue(e)
+        self._notify(e.waiters)
 
     def _write_to_media(self, w: Write) -> IOGen:
         """FUA / write-through: straight to media, older cached versions first."""
@@ -347,11 +354,7 @@ class SimDevice:
             for unit, rel, off, piece in pieces:
                 while older := [e for e in self._queues.get(unit, ())
                                 if not _covers(off, piece, e)]:
-                    e = older[0]
-                    yield self.env.timeout(latency)
-                    self._media_put(e.io_id, e.unit_rel, e.offset, e.data)
-                    self._unqueue(e)
-                    self._notify(e.waiters)
+                    yield from self._write_back(older[0])
                 yield self.env.timeout(latency)
                 self._media_put(w.io_id, rel, off, piece)
             # Cached versions this write covers all completed before it completes now,

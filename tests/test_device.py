@@ -122,6 +122,26 @@ def test_writethrough_never_leaves_a_completed_write_pending():
     assert len(cs.step_at(trace, trace.n_steps).durable_ids) == 5
 
 
+def test_fua_writing_back_an_older_version_while_a_newer_one_covers_it():
+    # FUA io 0 spans units 0 and 1; unit 0 holds cached io 1, which it writes back first.
+    # While that is on its way to media, io 2 arrives and covers io 1 in the cache: io 1
+    # must still land (it is being written), with io 2 queued after it, not dropped.
+    def body(dev, tx):
+        def cached():
+            yield from dev.write(512, pat(0xBB, 6 * 512))  # io 1: sectors 1-6
+            yield from dev.write(0, pat(0xCC, 7 * 512))  # io 2: sectors 0-6
+        dev.env.process(cached())
+        yield from dev.write(7 * 512, pat(0xAA, 5 * 512), fua=True)  # io 0: sectors 7-11
+
+    trace, dev = run_simulation(FnWriter(body), DeviceConfig(
+        atomic_write_bytes=4096, write_latency_us=0, destage_latency_us=1000))
+    dev.close()
+    assert trace.failed is None
+    assert [(io, rel) for _, io, rel in trace.destages] == [(1, 0), (2, 0), (0, 0), (0, 1)]
+    assert dev.media.read(0, 12 * 512) == pat(0xCC, 7 * 512) + pat(0xAA, 5 * 512)
+    assert dev.cached_bytes == 0
+
+
 # -- atomic units -------------------------------------------------------------------
 
 @pytest.mark.parametrize("atomic, units", [(4096, 1), (512, 8)])
