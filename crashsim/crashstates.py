@@ -15,9 +15,10 @@ Rules at crash point p (after the first p steps)
 * Durable content, per 512-byte sector: the durable writes applied over the base in
   completion order.
 * Each atomic unit holds its durable content, or the content of any one pending write
-  that covers it, except a pending write that completed before the write supplying the
-  durable content of its sectors there was submitted: the device cannot put older data
-  over newer flushed data, so that candidate is *not legal* for the unit. A pending
+  that covers it, except a pending write that completed before any durable write to its
+  sectors there was submitted: it must land before that write, so the device cannot
+  show it over newer durable data, and that candidate is *not legal* for the unit. This
+  holds whichever durable write's data the sector ends up showing. A pending
   write's part of a unit is its own bytes; the unit's other sectors keep durable content.
   Units are independent and pending writes are unordered among themselves.
 
@@ -375,6 +376,10 @@ class _Builder:
         # full garbage collection walked (55,000 of them at 160 writes).
         self.sector_hist: dict[int, tuple[tuple[int, int], ...]] = {}
         self.floor: dict[int, bytes] = {}  # sector before its first (partial) durable write
+        # Per sector, the latest submit step of any durable write to it: a pending write
+        # that completed before it must land under that write, whichever write's data
+        # the sector shows (completion order may put an older one's on top).
+        self.newest_submit: dict[int, int] = {}
         self.unit_cands: dict[int, list[int]] = {}
         self.unit_legal: dict[int, int] = {}
         self.hist: Counter[int] = Counter()
@@ -506,7 +511,10 @@ class _Builder:
 
     def _apply_durable(self, w: Write) -> None:
         c = self.complete[w.io_id]
+        s = self.submit[w.io_id]
         for x in range(w.offset // SECTOR_BYTES, (w.end - 1) // SECTOR_BYTES + 1):
+            if s > self.newest_submit.get(x, -1):
+                self.newest_submit[x] = s
             full = w.offset <= x * SECTOR_BYTES and w.end >= (x + 1) * SECTOR_BYTES
             hist = self.sector_hist.get(x)
             current = self.flat.get(x, _ZERO)
@@ -554,10 +562,6 @@ class _Builder:
             step.lent_hashes = None
         self.hashes_lent_to.clear()
 
-    def _supplier_submit(self, x: int) -> int:
-        hist = self.sector_hist.get(x)
-        return -1 if not hist else self.submit[hist[-1][1]]
-
     def _recheck(self, io: int, unit: int) -> None:
         pw = self.pending[io]
         rel = unit - pw.first_unit
@@ -565,8 +569,8 @@ class _Builder:
         if pw.complete_step is not None:
             start, data = pw.piece(rel)
             first, last = start // SECTOR_BYTES, (start + len(data) - 1) // SECTOR_BYTES
-            legal = all(self._supplier_submit(x) < pw.complete_step
-                        for x in range(first, last + 1))
+            newest = self.newest_submit
+            legal = all(newest.get(x, -1) < pw.complete_step for x in range(first, last + 1))
         if legal == (rel not in pw.illegal):
             return
         pw = self._own(io)
@@ -586,6 +590,7 @@ class _Builder:
             for x in [x for x in self.sector_hist if x >= size_bytes // SECTOR_BYTES]:
                 del self.sector_hist[x]
                 self.floor.pop(x, None)
+                self.newest_submit.pop(x, None)
             self.hash = sum(self.flat_hashes.values()) & _MASK
 
     def _destaged(self, io: int, rel: int) -> None:

@@ -112,6 +112,22 @@ def test_older_pending_write_cannot_cover_newer_fua_data():
         cs.build_state(tb.trace, "p4:w0")
 
 
+def test_older_pending_write_cannot_cover_newer_fua_data_shown_under_a_concurrent_one():
+    # w0 completes before FUA w2 is submitted, so w0 lands before w2. FUA w1, concurrent
+    # with both, completes last and supplies the durable content; w2 still bars w0.
+    tb = TB(sectors=1).submit(0, 0).submit(1, 0, fua=True).complete(0)
+    tb.submit(2, 0, fua=True).complete(2).complete(1)
+    step = tb.last()
+    assert step.p == 6 and list(step.durable_ids) == [2, 1]
+    (pw,) = step.pending
+    assert pw.io_id == 0 and pw.illegal == frozenset({0})
+    assert step.legal_count == 1
+    states = cs.enumerate_states(step, 100, garbage=True)
+    assert [s.state_id for s in states] == ["p6:none"]
+    assert states[0].image.read(0, S) == pat(2, S)  # w1's data
+    with pytest.raises(ValueError, match="unit 0 of write 0 is not legal at p6"):
+        cs.build_state(tb.trace, "p6:w0")
+
 def test_write_in_flight_with_newer_durable_data_stays_legal():
     # w0 is still in flight when w1 (FUA) lands over it: their order is undefined.
     step = TB().submit(0, 0).write(1, 0, fua=True).complete(0).last()
