@@ -178,7 +178,10 @@ def _explore_step(ctx: Context, st) -> StepResult:
     garbage = "garbage" in ctx.scenario.device.faults
     states = crashstates.enumerate_states(st, ex.max_states_per_step, ex.seed,
                                           garbage=garbage)
-    res.skipped = max(0, st.legal_count - len(states))
+    # Garbage states are extra to the legal count: counting them as explored would hide
+    # clean legal states that the budget never reached.
+    clean = sum(1 for cs in states if not cs.garbage_units)
+    res.skipped = max(0, st.legal_count - clean)
     for cs in states:
         key = _key(cs)
         verdict = ctx.judge.judge(lambda: cs.image, acked, started, key=key)

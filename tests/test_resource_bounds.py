@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from crashsim import memory, oracle
+from crashsim import crashstates, memory, oracle
 from crashsim.explore import build_context, explore_all
 from crashsim.report.core import write_reports
 from crashsim.results import build_results
@@ -56,6 +56,33 @@ def test_a_full_budget_skips_nothing_and_says_nothing(tmp_path):
     assert res["skipped_states"] == 0 and res["skipped_reasons"] == []
     assert "skipped" not in summary_line(res, 1.0)
 
+
+GARBAGE_SCENARIO = """\
+name: garbage-skips
+device: {atomic_write_bytes: 512, faults: [garbage]}
+writer: {kind: wal}
+workload:
+  image: {virtual_size: 1MiB, log_size: 1MiB}
+  ops: [{log_write: {offset: 0, length: 1536, pattern: 0xa1}}]
+explore: {seed: 5, max_states_per_step: 16, shrink: false}
+expect: pass
+"""
+
+
+def test_garbage_states_do_not_count_as_explored_legal_states(tmp_path):
+    """Garbage states fill part of the budget but are not legal states: a step whose
+    budget they took must still count the clean legal states it never reached."""
+    path = tmp_path / "garbage.yaml"
+    path.write_text(GARBAGE_SCENARIO)
+    ctx = build_context(load_scenario(path))
+    steps = explore_all(ctx, workers=1)
+    missed = 0
+    for res, st in zip(steps, crashstates.iter_steps(ctx.trace)):
+        clean = {s.content_key for s in crashstates.enumerate_states(st, 10 ** 6)}
+        unexplored = len(clean - set(res.keys))
+        assert res.skipped >= unexplored, f"p{res.step}"
+        missed += unexplored
+    assert missed > 0  # the budget really left clean states out
 
 def test_a_tiny_memory_cap_skips_everything_and_says_so(tmp_path):
     """1 MiB is less than any Python process: nothing is judged, all of it is skipped."""
