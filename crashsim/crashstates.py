@@ -18,12 +18,42 @@ Rules at crash point p (after the first p steps)
   that covers it, except a pending write that completed before any durable write to its
   sectors there was submitted: it must land before that write, so the device cannot
   show it over newer durable data, and that candidate is *not legal* for the unit. This
-  holds whichever durable write's data the sector ends up showing. A pending
-  write's part of a unit is its own bytes; the unit's other sectors keep durable content.
+  holds whichever durable write's data the sector ends up showing. A pending write's
+  part of a unit is its own bytes; the unit's other sectors keep durable content.
   Units are independent and pending writes are unordered among themselves.
 
 Units are the atomic-unit-aligned pieces of the address space a write covers; a write's
 unit ``i`` is the ``i``-th such piece (device unit ``offset // atomic + i``).
+
+Known limitations: legal states never generated
+-----------------------------------------------
+Every generated state is one a contract-abiding device can produce. Two kinds of legal
+state are not generated:
+
+* **One pending write per unit, on top.** A unit holds its durable content with at most
+  one pending write's piece laid over it. So when a write covers only part of a unit
+  (with 4096 B units, a write smaller than 4 KiB or not aligned to it; with 512 B units,
+  a write of part of a sector, which SimDevice rejects), these are missed:
+  pieces of two or more pending writes in the same unit (pending writes to sectors 0
+  and 1 of one 4 KiB unit: both surviving is never generated), and a pending write
+  that landed before a durable write that overwrote part of its piece, so that only its
+  bytes outside that durable write show (a cached 4 KiB write, then a FUA write to its
+  sector 0: the cached write's sectors 1-7 never survive with the FUA data on sector 0).
+  The simulated device produces both kinds, and then the ``device`` tier is not its own
+  media: it shows the newest legal pending piece alone, or the durable content. With
+  512 B units and whole-sector writes every piece is a whole unit, and nothing of this
+  kind is missed.
+* **Durable content follows completion order.** Two overlapping writes that are both
+  durable at p and were concurrent (neither completed before the other was submitted)
+  may reach media in either order; crashsim always puts the one that completed later on
+  top, and never generates the states where the earlier one's bytes show where they
+  overlap (FUA writes w0 and w1 to sector 0, submitted together, w0 completing first:
+  sector 0 is only ever w1's once both completed). This holds for every unit size. The
+  simulated device itself produces the other order with 4096 B units: a cached write
+  arriving in a unit a multi-unit FUA write has already written, and overlapping only
+  part of the FUA write's piece there, reaches media after it although it completed
+  first; once flushed, its bytes show there in the device's media and in no generated
+  state.
 
 State IDs (contract)
 --------------------
@@ -332,8 +362,8 @@ class StepStates:
     def device_picks(self) -> list[Pick]:
         """The device's own media at p, in pick form: per unit, the newest version the
         device destaged by then, when it is a legal pending one. Exact whenever writes
-        cover whole units; a unit the device filled piecewise from two sub-unit writes
-        shows the newer one only."""
+        cover whole units; where they do not, it is the closest generated state (see the
+        known limitations at the top of this module)."""
         picks = []
         for pw in self.pending:
             clean = frozenset(r for r in pw.on_media if pw.legal(r))
