@@ -259,6 +259,18 @@ def test_skipped_beyond_exact_counts_is_rounded_as_in_the_summary(tmp_path):
     assert "39.486082" not in page
 
 
+def test_states_cut_during_recovery_have_their_own_row(tmp_path):
+    """The outcome counts include them, so the page shows them beside Explored."""
+    result = make_result(name="rc", failing=False)
+    write_reports(tmp_path, [(result, 1.0)])
+    assert "Cut during their recovery" not in (tmp_path / "rc" / "index.html").read_text()
+    result["totals"]["recovery_explored"] = 16100
+    write_reports(tmp_path / "again", [(result, 1.0)])
+    page = (tmp_path / "again" / "rc" / "index.html").read_text()
+    assert "Cut during their recovery (not in the legal count)</th>" \
+           '<td class="num">16,100</td>' in page
+
+
 def test_index_lists_every_scenario(tmp_path, results):
     write_reports(tmp_path, results)
     index = (tmp_path / "index.html").read_text()
