@@ -130,7 +130,9 @@ def device_config(scenario: Scenario) -> DeviceConfig:
                         faults=frozenset(d.faults), seed=scenario.explore.seed)
 
 
-def build_context(scenario: Scenario, trace: Trace | None = None) -> Context:
+def build_context(scenario: Scenario, trace: Trace | None = None,
+                  source: str | None = None) -> Context:
+    """``source``, the scenario's file, names where a recorded trace's errors point."""
     writer = make_writer(scenario)
     model = RangeModel(scenario.ops())
     if trace is None and scenario.is_trace:
@@ -143,13 +145,26 @@ def build_context(scenario: Scenario, trace: Trace | None = None) -> Context:
         try:
             trace = writer.load_trace()
         except (DmLogError, ToolMissing, CommandFailed, TraceError) as exc:
-            raise InputError(f"{scenario.name}: {exc}") from None
+            raise InputError(_at_key(scenario, source, exc, str(exc))) from None
         except OSError as exc:
-            raise InputError(f"{scenario.name}: {exc.filename or ''}: "
-                             f"{exc.strerror}") from None
+            raise InputError(_at_key(scenario, source, exc, f"{exc.filename or ''}: "
+                                                            f"{exc.strerror}")) from None
     elif trace is None:
         trace = simulate(writer, device_config(scenario))
     return Context(scenario, writer, model, trace, Judge(writer, model))
+
+
+def _at_key(scenario: Scenario, source: str | None, exc: Exception, text: str) -> str:
+    """A recorded trace's error at the scenario line it comes from (the ``trace`` key,
+    or the model op that matches nothing); by the scenario's name without a file."""
+    from .external import ToolMissing
+    if source is None:
+        return f"{scenario.name}: {text}"
+    if isinstance(exc, ToolMissing):  # the fix is an install, not a line
+        return f"{source}: {text}"
+    from .scenario import line_of
+    loc = getattr(exc, "loc", ()) or ("trace",)
+    return f"{source}:{line_of(source, loc)}: {text}"
 
 
 # -- judging the states of a chunk of steps -------------------------------------------

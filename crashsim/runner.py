@@ -127,7 +127,7 @@ def _run_scenario(sc: Scenario, path: Path, out_dir: Path, opts: _Options,
     ctx = None
     steps: list[StepResult] = []
     try:
-        ctx = build_context(sc)
+        ctx = build_context(sc, source=str(path))
         ckpt = Checkpoint(folder, run_key(ctx))
         steps = _saved_steps(ckpt, ctx) if opts.resume else []
         if not steps:
@@ -207,7 +207,7 @@ def _note(text: str) -> None:
 def run_one(sc: Scenario, path: str, workers: int = 1, executor: str = "process",
             scheduler: str | None = None,
             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    ctx = build_context(sc)
+    ctx = build_context(sc, source=path)
     steps = explore_all(ctx, workers, progress, executor, scheduler, isolated=True)
     return _build(ctx, steps, path)
 
@@ -258,7 +258,7 @@ def replay_state(state_id: str, scenario_path: Path, write_image: Path | None,
                  seed: int | None = None) -> int:
     from .diff import view_diff
     [(_, sc)] = load_all([scenario_path], seed)
-    ctx = build_context(sc)
+    ctx = build_context(sc, source=str(scenario_path))
     try:
         state = build_any(ctx, state_id)
     except ValueError as exc:

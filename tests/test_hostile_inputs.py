@@ -647,14 +647,14 @@ def test_metacharacters_in_record_and_create_commands_fail_cleanly(sb, capsys):
                                 "record": ["/bin/echo", *evil, "{log}", "{image}"],
                                 "format": "dm-log-writes", "image_format": "raw"})))
     run = run_in_process(sb, capsys, str(path))
-    assert_refused(run, "rec: ", "the log is empty")
+    assert_refused(run, f"{path}:2: ", "the log is empty")
     assert_not_pwned(sb)
     # a create command that fails: the tool and its message are named
     path.write_text(path.read_text().replace('"truncate", "-s", "64K"',
                                              '"ls", "--", "{scenario_dir}/nope" , "'
                                              + evil[0] + '"'))
     run = run_in_process(sb, capsys, str(path))
-    assert_refused(run, "rec: ", re.compile(r"ls exited with status \d+: ls: cannot "
+    assert_refused(run, f"{path}:2: ", re.compile(r"ls exited with status \d+: ls: cannot "
                                             r"access"))
     assert_not_pwned(sb)
 
@@ -697,7 +697,7 @@ def test_a_program_name_with_metacharacters_is_just_a_missing_program(sb, capsys
     prog = "true; touch PWNED"   # no '/': looked up on PATH, as a program name is
     path.write_text(trace_yaml("prog", json.dumps({"command": [prog, "{image}"]})))
     run = run_in_process(sb, capsys, str(path))
-    assert_refused(run, "prog: ", f"{prog}: not found on PATH")
+    assert_refused(run, f"{path}: ", f"{prog}: not found on PATH")
     assert_not_pwned(sb)
 
 

@@ -83,7 +83,12 @@ _MAX_DECISIONS = 12
 
 class TraceError(Exception):
     """The trace's inputs cannot be used (the model does not describe the recorded I/O,
-    the image before the recording does not open); one line naming the culprit and fix."""
+    the image before the recording does not open); one line naming the culprit and fix.
+    ``loc`` is the scenario key at fault, when it is not ``trace``."""
+
+    def __init__(self, message: str, loc: tuple = ()):
+        super().__init__(message)
+        self.loc = loc
 
 
 @dataclass(frozen=True)
@@ -403,7 +408,8 @@ def mark_transactions(trace: Trace, ops: list[Op]) -> None:
             raise TraceError(
                 f"model.ops.{n} ({op.length} bytes of {op.pattern:#04x} at guest offset "
                 f"{op.offset:#x}) matches no write in the log after op {n - 1}'s; list the "
-                f"guest writes the recorded program made, in the order it made them")
+                f"guest writes the recorded program made, in the order it made them",
+                loc=("model", "ops", n))
         bounds.append(submits[found][0])
         pos = found + 1
     bounds = [0] + bounds[1:] + [len(trace.steps)]
