@@ -29,7 +29,10 @@ class InPlace:
             tx.start(i)
             yield from dev.write(SECTOR + op.offset, op.data())
             yield from dev.flush()
-            tx.ack(i)
+            self.acknowledge(tx, i)
+
+    def acknowledge(self, tx, i: int) -> None:
+        tx.ack(i)
 
     def recover(self, dev):
         return Recovery(decisions=["nothing to recover"], branches=["clean"])
@@ -73,13 +76,9 @@ class SegfaultingRecovery(InPlace):
 
 
 class DoubleAck(InPlace):
-    def run(self, dev, tx):
-        for i, op in enumerate(self.ops):
-            tx.start(i)
-            yield from dev.write(SECTOR + op.offset, op.data())
-            yield from dev.flush()
-            tx.ack(i)
-            tx.ack(i)  # the second acknowledgement of the same transaction
+    def acknowledge(self, tx, i: int) -> None:
+        tx.ack(i)
+        tx.ack(i)  # the second acknowledgement of the same transaction
 
 
 class RaisingFormat(InPlace):
