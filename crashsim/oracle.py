@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import traceback
 from collections import OrderedDict
-from time import perf_counter
 from dataclasses import dataclass, field
+from time import perf_counter
 from typing import Callable
 
 import crc32c
