@@ -10,6 +10,8 @@ SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 
 KEYS = {"states_per_second_per_core", "qemu_img_states_per_second", "speedup_vs_qemu_img",
         "parallel_speedup", "peak_rss_mib", "parallel_ceiling", "parallel_efficiency",
+        "states_per_second_in_process", "parallel_speedup_over_in_process",
+        "parallel_speedup_at_10_writes",
         "scaling_growth", "scaling_exponent", "scaling_growth_crashsim",
         "scaling_exponent_crashsim"}
 
@@ -29,6 +31,22 @@ def test_bench_json_has_every_key(require_qemu):
     growth = figures["scaling_by_writes"]["5"]["ms_per_step"] / \
         figures["scaling_by_writes"]["2"]["ms_per_step"]
     assert figures["scaling_growth"] == round(growth, 2)
+
+
+def test_the_parallel_speedup_is_two_worker_processes_over_one(monkeypatch):
+    """As ``crashsim run --workers 1`` and ``--workers 2`` judge: the in-process run is
+    reported beside it, not divided by."""
+    from crashsim import bench
+    seconds = {(1, False): 0.9, (1, True): 1.0, (2, False): 0.5}
+    monkeypatch.setattr(bench, "_explore",
+                        lambda sc, workers, isolated=False: (7, seconds[workers, isolated]))
+    monkeypatch.setattr(bench, "_two_at_once", lambda sc: 1.0)
+    par = bench._paired_runs(bench.bench_scenario(1), rounds=3)
+    assert (par.states, par.one_worker_s, par.in_process_s) == (7, 1.0, 0.9)
+    assert par.speedup == pytest.approx(2.0)
+    assert par.speedup_over_in_process == pytest.approx(1.8)
+    assert par.ceiling == pytest.approx(1.8)  # two in-process runs at once took 1.0 s
+    assert bench._long_speedup(bench.bench_scenario(1), rounds=1) == pytest.approx(2.0)
 
 
 def test_scaling_times_every_length_in_each_round_and_reports_the_runs():
