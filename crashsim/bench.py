@@ -191,9 +191,8 @@ def _paired_runs(sc: Scenario, rounds: int) -> _ParallelFigures:
     host, falls well short of 2."""
     here, one, speedups, over_here, ceilings = [], [], [], [], []
     for _ in range(rounds):
-        explored, secs_here = _explore(sc, 1)
-        _, secs1 = _explore(sc, 1, isolated=True)
-        _, secs2 = _explore(sc, 2)
+        _, secs_here = _explore(sc, 1)
+        explored, secs1, secs2 = _one_and_two_workers(sc)
         here.append(secs_here)
         one.append(secs1)
         speedups.append(secs1 / secs2)
@@ -210,10 +209,16 @@ def _long_speedup(sc: Scenario, rounds: int) -> float:
     weigh less, as in a real run of a few seconds and more."""
     ratios = []
     for _ in range(rounds):
-        _, secs1 = _explore(sc, 1, isolated=True)
-        _, secs2 = _explore(sc, 2)
+        _, secs1, secs2 = _one_and_two_workers(sc)
         ratios.append(secs1 / secs2)
     return statistics.median(ratios)
+
+
+def _one_and_two_workers(sc: Scenario) -> tuple[int, float, float]:
+    """States explored, and the seconds with one worker process then with two."""
+    explored, secs1 = _explore(sc, 1, isolated=True)
+    _, secs2 = _explore(sc, 2)
+    return explored, secs1, secs2
 
 
 def _two_at_once(sc: Scenario) -> float:
