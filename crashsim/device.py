@@ -49,13 +49,14 @@ import random
 import traceback
 from bisect import bisect_left, bisect_right, insort
 from collections import OrderedDict, deque
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import simpy
 
 from .blockdev import IOGen
-from .errors import PluginError, plugin_line
+from .errors import PluginError, defined_at, plugin_line
 from .image import SECTOR_BYTES, SparseImage
 from .trace import StepKind, Trace, Write
 
@@ -421,13 +422,18 @@ def run_simulation(writer: Any, config: DeviceConfig) -> tuple[SimTrace, SimDevi
     except Exception as exc:
         raise PluginError(f"{plugin_line(exc)}: the writer's format_image() raised "
                           f"{type(exc).__name__}: {exc}") from None
+    _check_plugin_result(writer.format_image, base, SparseImage,
+                         "a crashsim.image.SparseImage")
     trace = SimTrace(base=base)
     env = simpy.Environment()
     dev = SimDevice(env, base.fork(), config, trace)
     tx = TxRecorder(trace, env)
     trace.tx_times = tx.tx_times
     try:
-        proc = env.process(writer.run(dev, tx))
+        work = writer.run(dev, tx)
+        _check_plugin_result(writer.run, work, Generator,
+                             "a generator (its I/O is yield from dev.write/flush)")
+        proc = env.process(work)
         env.run(until=proc)
     except PluginError:
         raise
@@ -441,6 +447,14 @@ def run_simulation(writer: Any, config: DeviceConfig) -> tuple[SimTrace, SimDevi
         trace.failed = f"{type(exc).__name__}: {exc}"
     trace.end_time_us = float(env.now)
     return trace, dev
+
+
+def _check_plugin_result(method: Any, value: Any, kind: type, wanted: str) -> None:
+    # Caught here, a wrong return type is one line on the plugin; later it is a
+    # traceback inside crashsim or a WORKLOAD FAILED that blames the workload.
+    if not isinstance(value, kind):
+        raise PluginError(f"{defined_at(method)}: the writer's {method.__name__}() "
+                          f"returned {type(value).__name__}; it must return {wanted}")
 
 
 def simulate(writer: Any, config: DeviceConfig) -> SimTrace:

@@ -16,6 +16,16 @@ class PluginError(InputError):
     it is reported like bad input, naming the plugin's own line."""
 
 
+def defined_at(fn: object) -> str:
+    """``file:line`` where a plugin's method is defined: a wrong return value has no
+    traceback, so its author is pointed at the method instead."""
+    import inspect
+    try:
+        return f"{inspect.getsourcefile(fn)}:{inspect.getsourcelines(fn)[1]}"
+    except (OSError, TypeError):
+        return getattr(fn, "__qualname__", repr(fn))
+
+
 def plugin_line(exc: BaseException) -> str:
     """``file:line`` of the innermost frame of ``exc``'s traceback: where it was raised."""
     tb = exc.__traceback__

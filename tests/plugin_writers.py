@@ -89,3 +89,14 @@ class RaisingFormat(InPlace):
 class NoSeed(InPlace):
     def __init__(self, *, ops, image, defects):  # the protocol passes seed= too
         super().__init__(ops=ops, image=image, defects=defects, seed=0)
+
+
+class BytesFormat(InPlace):
+    def format_image(self):  # bytes, not the SparseImage the protocol asks for
+        return bytes(SECTOR + self.size)
+
+
+class PlainRun(InPlace):
+    def run(self, dev, tx):  # no yield: a plain function, not a generator
+        for i, _ in enumerate(self.ops):
+            tx.start(i)

@@ -103,6 +103,9 @@ def test_a_plugin_that_kills_its_process_costs_a_state_not_the_run(tmp_path, wor
     ("DoubleAck", "# the second acknowledgement",
      "tx.ack(0): transaction 0 was already acknowledged"),
     ("RaisingFormat", 'raise RuntimeError("no room', "format_image() raised RuntimeError"),
+    ("BytesFormat", "# bytes, not the SparseImage",
+     "format_image() returned bytes; it must return a crashsim.image.SparseImage"),
+    ("PlainRun", "# no yield", "run() returned NoneType; it must return a generator"),
     ("NoSeed", "class NoSeed", "NoSeed(ops=..., image=..., defects=..., seed=...) raised "
                                "TypeError"),
 ])
