@@ -30,6 +30,7 @@ from typing import Callable
 import crc32c
 
 from .blockdev import ImageDevice, run_sync
+from .errors import PluginError, defined_at
 from .readset import ReadLogDevice, ReadSetMemo
 from .image import SparseImage
 from .model import RangeModel
@@ -177,6 +178,8 @@ class Judge:
         except RecoveryError as exc:
             ex.error = f"unreadable after recovery: {exc}"
             return ex
+        except PluginError:
+            raise
         except Exception as exc:
             ex.error = _crash_text(exc)
             return ex
@@ -193,16 +196,26 @@ class Judge:
         recovered state of this step that agrees with it wherever a view read. Most
         states that recovery sees differently (a torn log entry) read the same data."""
         if reads is None or not self._views.enabled:
-            return self._in_writer(self.writer.view, dev, self.model.ranges)
+            return self._checked_view(dev)
         overlay = {**image.sectors, **work.sectors}
         seen = self._views.find_over(overlay, work.size_bytes, image.parent)
         if seen is not None:
             reads += seen.reads  # the same bytes were read, so note them for this state
             return seen.result
         mark = len(reads)
-        view = self._in_writer(self.writer.view, dev, self.model.ranges)
+        view = self._checked_view(dev)
         self._views.add_over(overlay, work.size_bytes, image.parent, reads[mark:], view)
         return view
+
+    def _checked_view(self, dev: ImageDevice) -> bytes | list[bytes] | Parts:
+        view = self._in_writer(self.writer.view, dev, self.model.ranges)
+        # a view of another type fails deep in the model's matching, as crashsim's bug
+        if isinstance(view, (bytes, Parts)) or isinstance(view, list) and \
+                all(isinstance(part, bytes) for part in view):
+            return view
+        raise PluginError(f"{defined_at(self.writer.view)}: the writer's view() returned "
+                          f"{_type_name(view)}; it must return bytes, a list of bytes "
+                          f"(one per range) or a Parts")
 
     def _checks_of(self, dev: ImageDevice) -> "_Checks":
         key = None
@@ -248,6 +261,13 @@ class Judge:
             return _joined(self.writer.view(dev, self.model.ranges))
         except Exception:
             return None
+
+
+def _type_name(value: object) -> str:
+    if isinstance(value, list):
+        odd = next(p for p in value if not isinstance(p, bytes))
+        return f"a list holding {type(odd).__name__}"
+    return type(value).__name__
 
 
 def _joined(view: bytes | list[bytes] | Parts) -> bytes:

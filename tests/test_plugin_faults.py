@@ -106,6 +106,8 @@ def test_a_plugin_that_kills_its_process_costs_a_state_not_the_run(tmp_path, wor
     ("BytesFormat", "# bytes, not the SparseImage",
      "format_image() returned bytes; it must return a crashsim.image.SparseImage"),
     ("PlainRun", "# no yield", "run() returned NoneType; it must return a generator"),
+    ("CountingView", "# a count, not the bytes",
+     "view() returned int; it must return bytes, a list of bytes"),
     ("NoSeed", "class NoSeed", "NoSeed(ops=..., image=..., defects=..., seed=...) raised "
                                "TypeError"),
 ])
