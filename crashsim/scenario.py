@@ -564,6 +564,10 @@ def _format_error(path: Path, data: Any, err: dict) -> str:
         msg = _type_msg(err["type"], err.get("input"))
     elif err["type"] == "string_type":
         msg = _string_msg(loc, err.get("input"))
+    elif err["type"] in ("model_type", "dict_type"):
+        msg = _mapping_msg(loc, err.get("input"))
+    elif err["type"] == "list_type":
+        msg = _list_msg(err.get("input"))
     elif err["type"] == "string_pattern_mismatch" and loc == ("name",):
         msg = ("use only letters, digits, '.', '_' and '-', 1 to 100 of them, starting "
                "with a letter or digit (it names the report folder)")
@@ -612,6 +616,19 @@ def _string_msg(loc: tuple, value: Any) -> str:
     leaf = loc[-1] if loc and isinstance(loc[-1], str) else None
     example = f'{leaf}: "{text}"' if leaf else f'"{text}"'
     return f"expected a string; put it in quotes: {example}"
+
+
+def _mapping_msg(loc: tuple, value: Any) -> str:
+    # pydantic's own words name crashsim's classes (DeviceSection), not the fix
+    if loc == ("writer",) and isinstance(value, str):
+        return f'expected a mapping; write writer: {{kind: "{value}"}}'
+    return "expected a mapping of keys: {key: value}, or key: value lines indented below"
+
+
+def _list_msg(value: Any) -> str:
+    if isinstance(value, str):
+        return f"expected a list; write [{value}]"
+    return "expected a list: [a, b], or lines starting with '- ' indented below"
 
 
 def _short(value: Any) -> str:

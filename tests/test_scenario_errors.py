@@ -161,6 +161,18 @@ WRONG_TYPES = [
      "device.latency_us.write", ["expected a number", "remove the quotes"]),
     ("latency-true", GOOD + "device: {latency_us: {flush: true}}\n", 8,
      "device.latency_us.flush", ["expected a number", "not true/false"]),
+    ("writer-string", GOOD.replace("writer: {kind: wal}", "writer: wal"), 2, "writer",
+     ['expected a mapping; write writer: {kind: "wal"}']),
+    ("explore-number", GOOD.replace("explore: {max_states_per_step: 8}", "explore: 8"), 7,
+     "explore", ["expected a mapping of keys"]),
+    ("op-bare-kind", GOOD.replace("- log_write: {offset: 0, length: 4KiB, pattern: 0xab}",
+                                  "- log_write"), 6, "workload.ops.0",
+     ["expected a mapping of keys"]),
+    ("faults-string", GOOD + "device: {faults: garbage}\n", 8, "device.faults",
+     ["expected a list; write [garbage]"]),
+    ("ops-number", GOOD.replace("  ops:\n    - log_write: {offset: 0, length: 4KiB, "
+                                "pattern: 0xab}", "  ops: 3"), 5, "workload.ops",
+     ["expected a list: [a, b]"]),
     ("random-count-quoted", GOOD.replace("  ops:", '  random: {count: "5"}\n  ops:'), 5,
      "workload.random.count", ["expected a whole number", "remove the quotes"]),
 ]
