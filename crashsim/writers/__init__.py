@@ -49,6 +49,16 @@ def load_writer_class(kind: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except (Exception, SystemExit) as exc:  # a plugin's import-time failure is the user's
+        where = _import_failed_at(exc)
+        if where is not None:
+            inner_fix = (f"install {exc.name!r}, or fix that import" if
+                         isinstance(exc, ModuleNotFoundError) else "fix the plugin there")
+            raise WriterNotFound(f"writer {kind!r}: {where}: importing "
+                                 f"{module_name!r} raised {_one_line(exc)}; "
+                                 f"{inner_fix}") from None
+        if "/" in module_name or module_name.endswith(".py"):
+            fix = ("a file path is not a module name: put the folder that holds the "
+                   "package on PYTHONPATH and write 'package.module:Class'")
         raise WriterNotFound(f"writer {kind!r}: cannot import {module_name!r}: "
                              f"{_one_line(exc)}; {fix}") from None
     try:
@@ -72,6 +82,20 @@ def _check_writer_class(kind: str, target: str, cls: Any) -> None:
     if missing:
         raise WriterNotFound(f"writer {kind!r}: class {target!r} is not a writer: it has "
                              f"no {', '.join(missing)} (see crashsim.writers.base)")
+
+
+def _import_failed_at(exc: BaseException) -> str | None:
+    """``file:line`` in the plugin's own code where its import failed, or None when it
+    never got that far (no such module: the spelling or the installation is at fault)."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{exc.filename}:{exc.lineno}"
+    where, tb = None, exc.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if not (name.startswith("<") or name in (__file__, importlib.__file__)):
+            where = f"{name}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return where
 
 
 def _one_line(exc: BaseException) -> str:
