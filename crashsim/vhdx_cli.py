@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shlex
 import sys
 from collections import Counter
 from typing import BinaryIO, Callable
@@ -95,11 +96,32 @@ def _size_arg(name: str, value: str) -> int:
         raise CliError(f"bad {name}: {exc}") from None
 
 
+# Images are often shipped compressed (the shared samples are .vhdx.bz2); a signature
+# error would tell the user the file is corrupt when it only needs unpacking.
+COMPRESSED = ((b"BZh", "bzip2"), (b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"),
+              (b"\x28\xb5\x2f\xfd", "zstd"))
+
+
 def _need_file(path: str) -> None:
     if not os.path.exists(path):
         raise CliError("no such file")
     if os.path.isdir(path):
         raise CliError("is a directory, not an image file")
+    _refuse_compressed(path)
+
+
+def _refuse_compressed(path: str) -> None:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return  # the open that follows reports it
+    for magic, tool in COMPRESSED:
+        if head.startswith(magic):
+            plain = os.path.splitext(os.path.basename(path))[0]
+            raise CliError(f"{tool}-compressed, not a VHDX image: decompress it first "
+                           f"({tool} -dc {shlex.quote(path)} > {shlex.quote(plain)}) "
+                           f"(at offset 0x0)")
 
 
 def _open_in_memory(path: str, policy: ReplayPolicy = FIXED_POLICY

@@ -353,3 +353,15 @@ def test_parse_size_accepts_units_and_rejects_junk():
                      ("", "expected"), (1.5, "expected")):
         with pytest.raises(ValueError, match=why):
             parse_size(bad)
+
+
+@pytest.mark.parametrize("magic,tool", [(b"BZh91AY&SY", "bzip2"), (b"\x1f\x8b\x08", "gzip"),
+                                        (b"\xfd7zXZ\x00", "xz")])
+def test_a_compressed_image_says_to_decompress_it(tmp_path, capsys, magic, tool):
+    from crashsim import vhdx_cli
+    path = _short_file(tmp_path, "disk.vhdx.z", magic + bytes(100))
+    for command in ("info", "log", "read", "replay"):
+        assert vhdx_cli.main(["vhdx", command, str(path)]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"crashsim: error: {path}: {tool}-compressed, not a VHDX image: decompress it "
+            f"first ({tool} -dc {path} > disk.vhdx) (at offset 0x0)"]
