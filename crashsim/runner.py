@@ -262,7 +262,9 @@ def replay_state(state_id: str, scenario_path: Path, write_image: Path | None,
     try:
         state = build_any(ctx, state_id)
     except ValueError as exc:
-        raise InputError(f"state {state_id!r}: {exc}") from None
+        msg = str(exc)  # most of these already name the state ID: say it once
+        raise InputError(msg if msg.startswith("state ID ") else
+                         f"state ID {state_id!r}: {msg}") from None
     if write_image is not None:
         try:
             state.image.to_file(write_image)

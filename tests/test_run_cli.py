@@ -90,9 +90,11 @@ def test_replay_rebuilds_the_minimal_state_and_writes_the_image(tmp_path):
 
 def test_replay_of_a_malformed_state_id_is_an_input_error(tmp_path):
     sc = _write(tmp_path, "ids")
-    proc = _crashsim("replay", "p9999:w1", "--scenario", str(sc), cwd=tmp_path)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+    for state_id in ("p9999:w1", "p0:w99", "garbage"):
+        proc = _crashsim("replay", state_id, "--scenario", str(sc), cwd=tmp_path)
+        assert proc.returncode == 2
+        assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+        assert proc.stderr.count(state_id) == 1, proc.stderr
 
 
 def test_replay_into_a_missing_folder_is_an_input_error(tmp_path):
