@@ -80,6 +80,8 @@ def run_scenarios(paths: list[Path], *, out_dir: Path, workers: int, seed: int |
                 break
             done.append((results, time.monotonic() - t0))
             progress.line(summary_line(results, time.monotonic() - t0))
+            if (line := reproducer_line(results)) is not None:
+                progress.line(line)
     with held() as signals:
         write_reports(out_dir, done)
     if stopped is None and signals.noted:
@@ -236,6 +238,15 @@ def summary_line(results: dict[str, Any], elapsed_s: float) -> str:
     return (f"{head}{t['steps']} steps, {t['explored']} states explored "
             f"({t['distinct']} distinct){during_text}{skipped_text(results)}, "
             f"violations: {found or 'none'}; expected {expect_text}; {elapsed_s:.1f}s")
+
+
+def reproducer_line(results: dict[str, Any]) -> str | None:
+    """For a failed scenario, its first violation's minimal state and the command that
+    judges it alone: a failure should be reproducible from the terminal it printed on."""
+    if results["verdict"] == "pass" or not results["violations"]:
+        return None
+    v = results["violations"][0]
+    return f"  first violation, {v['class']} (minimal state): {v['replay_command']}"
 
 
 def skipped_text(results: dict[str, Any]) -> str:

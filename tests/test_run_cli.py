@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -72,6 +73,11 @@ def test_unmet_expectation_exits_1_and_junit_names_the_state(tmp_path):
     failure = ET.parse(out / "junit.xml").getroot().find(".//failure")
     assert failure is not None and "crashsim replay" in failure.get("message", "") + \
         (failure.text or "")
+    # the terminal names the first violation's command, and it reproduces the failure
+    line = next(x for x in proc.stdout.splitlines() if "first violation" in x)
+    command = shlex.split(line.split(": ", 1)[1])
+    assert command[:2] == ["crashsim", "replay"] and str(bad) in command
+    assert _crashsim(*command[1:], cwd=tmp_path).returncode == 1
 
 
 def test_replay_rebuilds_the_minimal_state_and_writes_the_image(tmp_path):
