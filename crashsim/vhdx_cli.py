@@ -189,7 +189,8 @@ def _header_lines(dev, headers: HeaderSession) -> list[str]:
 
 def _log_state(result: ReplayResult) -> str:
     if "replayed" in result.branches:
-        return (f"dirty: {result.replayed_entries} entries replayed in memory "
+        n = result.replayed_entries
+        return (f"dirty: {n} entr{'y' if n == 1 else 'ies'} replayed in memory "
                 f"(the file is unchanged)")
     if "guid-reset" in result.branches:
         return "LogGuid set without an active sequence (cleared in memory)"
@@ -247,6 +248,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 # -- read ---------------------------------------------------------------------------------
 def cmd_read(args: argparse.Namespace) -> int:
+    if args.output is None and sys.stdout.isatty():
+        # a virtual disk is gigabytes of binary: on a terminal it is only garbage
+        raise CliError("refusing to write the raw virtual disk to a terminal: use "
+                       "-o FILE, or redirect stdout (> disk.raw)")
     dev, drv, _ = _open_in_memory(args.image)
     with dev:
         if args.output is None:

@@ -365,3 +365,29 @@ def test_a_compressed_image_says_to_decompress_it(tmp_path, capsys, magic, tool)
         assert capsys.readouterr().err.splitlines() == [
             f"crashsim: error: {path}: {tool}-compressed, not a VHDX image: decompress it "
             f"first ({tool} -dc {path} > disk.vhdx) (at offset 0x0)"]
+
+
+def test_read_refuses_a_terminal_for_stdout(tmp_path):
+    import os
+    import pty
+    import subprocess
+    import sys
+    path = tmp_path / "disk.vhdx"
+    create_image_file = ["create", str(path), "--size", "16MiB"]
+    assert subprocess.run([sys.executable, "-m", "crashsim", "vhdx", *create_image_file],
+                          capture_output=True).returncode == 0
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "crashsim", "vhdx", "read", str(path)],
+                              stdout=follower, stderr=subprocess.PIPE, text=True,
+                              timeout=60)
+        os.close(follower)
+        follower = -1
+        assert proc.returncode == 2
+        assert proc.stderr.splitlines() == [
+            f"crashsim: error: {path}: refusing to write the raw virtual disk to a "
+            f"terminal: use -o FILE, or redirect stdout (> disk.raw)"]
+    finally:
+        if follower >= 0:
+            os.close(follower)
+        os.close(leader)
