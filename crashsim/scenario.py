@@ -8,6 +8,8 @@ be written as ``64KiB``. Types are strict: true is not 1, "8" in quotes is not 8
 from __future__ import annotations
 
 import datetime
+import difflib
+import functools
 import hashlib
 import json
 import re
@@ -557,7 +559,7 @@ def _format_error(path: Path, data: Any, err: dict) -> str:
     key = ".".join(str(p) for p in loc) or "(top level)"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        msg = "unknown key (check the spelling against the scenario reference)"
+        msg = _unknown_key_msg(str(loc[-1]) if loc else "")
     elif err["type"] == "missing":
         msg = "required key is missing"
     elif err["type"] in _TYPE_WORDS:
@@ -616,6 +618,24 @@ def _string_msg(loc: tuple, value: Any) -> str:
     leaf = loc[-1] if loc and isinstance(loc[-1], str) else None
     example = f'{leaf}: "{text}"' if leaf else f'"{text}"'
     return f"expected a string; put it in quotes: {example}"
+
+
+def _unknown_key_msg(key: str) -> str:
+    close = difflib.get_close_matches(key, _known_keys(), n=1, cutoff=0.75)
+    if close:
+        return f"unknown key; did you mean {close[0]!r}?"
+    return "unknown key (check the spelling against the scenario reference)"
+
+
+@functools.cache
+def _known_keys() -> tuple[str, ...]:
+    """Every key some section of a scenario takes: a misspelt key is most often one of
+    these, whichever section it was put in."""
+    return tuple(sorted({name for model in _models(_Strict) for name in model.model_fields}))
+
+
+def _models(base: type) -> list[type]:
+    return [base] + [m for sub in base.__subclasses__() for m in _models(sub)]
 
 
 def _mapping_msg(loc: tuple, value: Any) -> str:

@@ -25,7 +25,7 @@ BAD = [
     ("unknown-key", GOOD + "colour: red\n", 8, "colour: unknown key"),
     ("nested-unknown-key", GOOD.replace("max_states_per_step: 8",
                                         "max_states_per_stepp: 8"), 7,
-     "explore.max_states_per_stepp: unknown key"),
+     "explore.max_states_per_stepp: unknown key; did you mean 'max_states_per_step'?"),
     ("wrong-type", GOOD.replace("max_states_per_step: 8", "max_states_per_step: lots"),
      7, "explore.max_states_per_step"),
     ("negative-size", GOOD.replace("offset: 0", "offset: -4096"), 6, "negative"),
