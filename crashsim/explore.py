@@ -151,7 +151,7 @@ def build_context(scenario: Scenario, trace: Trace | None = None,
                                                             f"{exc.strerror}")) from None
     elif trace is None:
         trace = simulate(writer, device_config(scenario))
-    return Context(scenario, writer, model, trace, Judge(writer, model))
+    return Context(scenario, writer, model, trace, Judge(writer, model, device=trace))
 
 
 def _at_key(scenario: Scenario, source: str | None, exc: Exception, text: str) -> str:

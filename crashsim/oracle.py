@@ -92,9 +92,15 @@ class Judge:
 
     def __init__(self, writer, model: RangeModel, *, probe: bool = True,
                  keep_views: bool = False, share_checks: bool = True,
-                 share_reads: bool = True):
+                 share_reads: bool = True, device: Trace | None = None):
         self.writer = writer
         self.model = model
+        # Recovery runs on the same device as the workload: a recording of it must
+        # keep that device's unit, cache mode and faults, or cutting it would tear
+        # writes the device keeps whole and lose writes it already made durable.
+        self._device = {} if device is None else {
+            "atomic_write_bytes": device.atomic_write_bytes,
+            "writethrough": device.writethrough, "lying_flush": device.lying_flush}
         self.probe = probe
         self.keep_views = keep_views
         self.share_checks = share_checks
@@ -159,7 +165,7 @@ class Judge:
     def _examine_on(self, image: SparseImage, record: bool,
                     reads: list[tuple[int, int]] | None) -> Examined:
         work = image.fork()
-        rec_trace = Trace(base=image) if record else None
+        rec_trace = Trace(base=image, **self._device) if record else None
         dev = ImageDevice(work, trace=rec_trace) if reads is None else \
             ReadLogDevice(work, reads)
         try:
