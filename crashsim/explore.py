@@ -236,7 +236,10 @@ def _recovery_crash(ctx: Context, res: StepResult, cs, acked: int, started: int)
     for rst in crashstates.iter_steps(rtrace):
         if rst.p == 0:
             continue  # nothing of recovery has happened yet: that is cs itself
-        for rcs in crashstates.enumerate_states(rst, budget, ctx.scenario.explore.seed):
+        # Recovery runs on the same device: a tear of its own writes can read as garbage.
+        for rcs in crashstates.enumerate_states(rst, budget, ctx.scenario.explore.seed,
+                                                garbage="garbage" in
+                                                ctx.scenario.device.faults):
             rcs.state_id = cs.state_id + RECOVERY_SEP + rcs.state_id
             rcs.tier = "recovery-" + rcs.tier
             key = _key(rcs)

@@ -20,10 +20,11 @@ import struct
 import zlib
 
 from crashsim.image import SparseImage
-from crashsim.writers.base import ProbeFailed, Recovery
+from crashsim.writers.base import ProbeFailed, Recovery, RecoveryError
 
 SECTOR = 512
 DATA_BASE = 8192
+NOTE = 6144  # between the second table copy (4 KiB, when it is one sector) and the data
 TRAILER = struct.Struct("<QII")
 
 SWITCHES = {
@@ -39,6 +40,8 @@ SWITCHES = {
     "repair-no-flush": "as repair, with no FLUSH between: correct on a write-through "
                        "device only",
     "fua-only": "data and table both written with FUA, in turn, and no FLUSH",
+    "note": "recovery first writes a 1 KiB note, refusing an image whose note sectors "
+            "are neither zero nor the note: wrong on a device whose tears read as garbage",
     "no-data-check": "unordered, but recovery does not check the data CRC",
     # broken on purpose
     "no-data-flush": "the table is written before the data is flushed",
@@ -186,6 +189,14 @@ class ShadowTable:
                                              lambda i=i: tx.ack(i))
 
     def recover(self, dev):
+        if "note" in self.sw:
+            note = dev.read(NOTE, 2 * SECTOR)
+            halves = {note[:SECTOR], note[SECTOR:]}
+            if halves - {bytes(SECTOR), b"\x77" * SECTOR}:
+                raise RecoveryError("the recovery note is corrupt", NOTE)
+            if halves != {b"\x77" * SECTOR}:
+                yield from dev.write(NOTE, b"\x77" * (2 * SECTOR))
+                yield from dev.flush()
         table, gen = self._state(dev)
         if gen and {"repair", "repair-no-flush"} & self.sw:
             gen += 1

@@ -59,3 +59,14 @@ def test_a_lying_flush_lies_to_recovery_too(tmp_path):
                         faults=["lying_flush"], explore=RC))
     assert res["violation_counts"]["mixed"], res["violation_counts"]
     assert all("/r" in v["state_id"] for v in res["violations"])
+
+
+def test_a_tear_during_recovery_can_read_as_garbage(tmp_path):
+    # The note recovery writes spans two units; only a garbage tear of it leaves a
+    # sector that is neither zero nor the note, which the next recovery refuses.
+    clean = _run(scenario(tmp_path, "note", ["note"], explore=RC))
+    assert clean["verdict"] == "pass", clean["violations"][:1]
+    res = _run(scenario(tmp_path, "note-g", ["note"], faults=["garbage"], explore=RC))
+    assert res["violation_counts"]["recovery-error"], res["violation_counts"]
+    assert all("/r" in v["state_id"] and "!g" in v["state_id"]
+               for v in res["violations"])
