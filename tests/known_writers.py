@@ -12,7 +12,10 @@ the data FLUSH (``fua-table``); ``unordered``: data and table issued together, o
 ack, with recovery checking both CRCs and falling back to the other copy
 (``pingpong``); ``dup-data``: the data written twice, concurrently, before the FLUSH.
 The table is trusted without its CRC unless ``crc`` is on, so a table bigger than the
-device's atomic unit needs ``crc`` and ``pingpong``. The rest are broken on purpose.
+device's atomic unit needs ``crc`` and ``pingpong``. ``repair``, ``repair-no-flush`` and
+``note`` give recovery writes of its own, for cutting power during recovery. Each
+switch's text in SWITCHES says when it is correct; the ones after "broken on purpose"
+never are.
 """
 from __future__ import annotations
 
@@ -98,8 +101,8 @@ class ShadowTable:
         for table, gen, data_crc, ok in copies:
             if "crc" in self.sw and not ok:
                 continue
-            if "unordered" in self.sw and "no-data-check" not in self.sw and gen and data_crc != self._last_crc(dev, table,
-                                                                             gen):
+            check_data = "unordered" in self.sw and "no-data-check" not in self.sw
+            if check_data and gen and data_crc != self._last_crc(dev, table, gen):
                 continue
             if best is None or gen > best[1]:
                 best = (table, gen)
