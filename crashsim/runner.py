@@ -64,8 +64,9 @@ def run_scenarios(paths: list[Path], *, out_dir: Path, workers: int, seed: int |
     done: list[tuple[dict[str, Any], float]] = []
     stopped: str | None = None
     opts = _Options(workers, executor, scheduler, resume)
+    not_run: list[str] = []
     with _Progress() as progress:
-        for path, sc in scenarios:
+        for i, (path, sc) in enumerate(scenarios):
             t0 = time.monotonic()
             try:
                 results = _run_scenario(sc, path, out_dir, opts, progress)
@@ -74,16 +75,22 @@ def run_scenarios(paths: list[Path], *, out_dir: Path, workers: int, seed: int |
                 if stop.results is not None:
                     done.append((stop.results, time.monotonic() - t0))
                     progress.line(summary_line(stop.results, time.monotonic() - t0))
+                else:
+                    not_run.append(sc.name)
+                not_run += [s.name for _, s in scenarios[i + 1:]]
                 break
             except KeyboardInterrupt:
                 stopped = f"interrupted before {sc.name} was explored"
+                not_run += [s.name for _, s in scenarios[i:]]
                 break
             done.append((results, time.monotonic() - t0))
             progress.line(summary_line(results, time.monotonic() - t0))
             if (line := reproducer_line(results)) is not None:
                 progress.line(line)
     with held() as signals:
-        write_reports(out_dir, done)
+        write_reports(out_dir, done, not_run)
+    if not_run:
+        stopped += f"; {len(not_run)} scenario{'' if len(not_run) == 1 else 's'} not run"
     if stopped is None and signals.noted:
         stopped = "interrupted while writing the report (it is complete)"
     if stopped is not None:

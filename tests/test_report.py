@@ -297,6 +297,21 @@ def test_junit_one_case_per_scenario_with_failure(tmp_path, results):
     assert cases[1].find("failure") is None
 
 
+def test_scenarios_an_interrupt_never_started_are_not_reported_as_passing(tmp_path):
+    """Ctrl-C between scenarios: the rest never ran, so neither page may say ALL PASS."""
+    done = [(make_result(name="wal-clean", failing=False), 0.5)]
+    write_reports(tmp_path, done, not_run=["vhdx-later"])
+    index = (tmp_path / "index.html").read_text()
+    assert "ALL PASS" not in index and '<span class="badge skip">1 NOT RUN</span>' in index
+    assert "2 scenarios" in index and "<td>vhdx-later</td>" in index
+    suite = ET.parse(tmp_path / "junit.xml").getroot()
+    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == \
+        ("2", "0", "1")
+    case = suite.findall("testcase")[1]
+    assert case.get("name") == "vhdx-later" and case.find("skipped") is not None
+    assert not (tmp_path / "vhdx-later").exists()
+
+
 def test_junit_survives_characters_xml_cannot_hold(tmp_path):
     result = make_result(name="bad\x00name\x1b[31m")
     junit.write_junit(tmp_path / "junit.xml", [(result, 0.1)])

@@ -12,7 +12,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from ..errors import InputError
 from ..scenario import OUTCOME_CLASSES, VIOLATION_CLASSES  # noqa: F401 (html and tests import it from here)
@@ -251,6 +251,9 @@ def skipped_reasons_text(result: dict[str, Any]) -> str:
     return "; ".join(texts)
 
 
+NOT_RUN_REASON = "not run: the run was interrupted before this scenario started"
+
+
 def failure_reason(result: dict[str, Any]) -> str:
     """Why a scenario did not meet its expectation, in one line (empty when it did)."""
     if result.get("verdict") == "pass":
@@ -291,8 +294,12 @@ def failure_reason(result: dict[str, Any]) -> str:
 # -- orchestration --------------------------------------------------------------------
 
 def write_reports(out_dir: Path | str,
-                  results_with_timing: list[tuple[dict[str, Any], float]]) -> list[Path]:
+                  results_with_timing: list[tuple[dict[str, Any], float]],
+                  not_run: Sequence[str] = ()) -> list[Path]:
     """Every scenario page, the index and junit.xml; all or nothing.
+
+    ``not_run`` names the scenarios an interrupted run never started: without them the
+    index and junit.xml would report only what ran, and call an unfinished run all green.
 
     Returns the paths written. On any error the files this call wrote are removed
     (results.json, written by the caller, is left alone) and the error propagates.
@@ -302,6 +309,7 @@ def write_reports(out_dir: Path | str,
     with FileSet() as files:
         for result, elapsed_s in results_with_timing:
             html.write_scenario_page(out_dir, result, elapsed_s, files=files)
-        html.write_index(out_dir, results_with_timing, files=files)
-        junit.write_junit(out_dir / "junit.xml", results_with_timing, files=files)
+        html.write_index(out_dir, results_with_timing, files=files, not_run=not_run)
+        junit.write_junit(out_dir / "junit.xml", results_with_timing, files=files,
+                          not_run=not_run)
     return files.paths

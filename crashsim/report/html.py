@@ -7,13 +7,13 @@ rendered to memory first, so a failing figure leaves nothing written.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jinja2
 
 from .. import __version__
 from . import plots
-from .core import (OUTCOME_CLASSES, FileSet, colour, counts_text, ensure_inside,
+from .core import (NOT_RUN_REASON, OUTCOME_CLASSES, FileSet, colour, counts_text, ensure_inside,
                    expect_text, failure_reason, is_violation, legal_text, safe_dirname,
                    scenario_dir, skipped_reasons_text, violation_counts)
 
@@ -51,13 +51,15 @@ def write_scenario_page(out_dir: Path | str, result: dict[str, Any], elapsed_s: 
 
 def write_index(out_dir: Path | str,
                 results_with_timing: list[tuple[dict[str, Any], float]],
-                files: FileSet | None = None) -> Path:
-    """``out_dir/index.html``: one row per scenario, linked to its page."""
+                files: FileSet | None = None, not_run: Sequence[str] = ()) -> Path:
+    """``out_dir/index.html``: one row per scenario, linked to its page; scenarios in
+    ``not_run`` (never started) get an unlinked NOT RUN row."""
     rows = [_index_row(r, t) for r, t in results_with_timing]
     page = _ENV.get_template("index.html.j2").render(
         rows=rows, version=__version__, title="crashsim report",
         total_s=sum(t for _, t in results_with_timing),
-        failed=sum(1 for r in rows if r["verdict"] != "pass"))
+        failed=sum(1 for r in rows if r["verdict"] != "pass"),
+        not_run=list(not_run), not_run_reason=NOT_RUN_REASON)
     with _files(files) as fs:
         return fs.write(ensure_inside(out_dir, Path(out_dir) / "index.html", file=True),
                         page)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from .core import FileSet, failure_reason, scenario_name
+from .core import NOT_RUN_REASON, FileSet, failure_reason, scenario_name
 
 CLASSNAME = "crashsim.scenarios"
 SUITE = "crashsim"
@@ -24,14 +24,19 @@ def xml_text(value: Any) -> str:
     return _NOT_XML.sub("\ufffd", str(value))
 
 
-def build_junit(results_with_timing: list[tuple[dict[str, Any], float]]) -> ET.Element:
+def build_junit(results_with_timing: list[tuple[dict[str, Any], float]],
+                not_run: Sequence[str] = ()) -> ET.Element:
     failures = sum(1 for r, _ in results_with_timing if r.get("verdict") != "pass")
     suite = ET.Element("testsuite", {
-        "name": SUITE, "tests": str(len(results_with_timing)), "failures": str(failures),
-        "errors": "0", "skipped": "0",
+        "name": SUITE, "tests": str(len(results_with_timing) + len(not_run)),
+        "failures": str(failures), "errors": "0", "skipped": str(len(not_run)),
         "time": f"{sum(t for _, t in results_with_timing):.3f}"})
     for result, elapsed_s in results_with_timing:
         suite.append(_testcase(result, elapsed_s))
+    for name in not_run:
+        case = ET.SubElement(suite, "testcase", {"classname": CLASSNAME,
+                                                 "name": xml_text(name), "time": "0.000"})
+        ET.SubElement(case, "skipped", {"message": NOT_RUN_REASON})
     return suite
 
 
@@ -68,9 +73,9 @@ def _failure_body(result: dict[str, Any]) -> str:
 
 
 def write_junit(path: Path | str, results_with_timing: list[tuple[dict[str, Any], float]],
-                files: FileSet | None = None) -> Path:
+                files: FileSet | None = None, not_run: Sequence[str] = ()) -> Path:
     """Write junit.xml at ``path``; with ``files`` the caller owns clean-up on error."""
-    root = build_junit(results_with_timing)
+    root = build_junit(results_with_timing, not_run)
     ET.indent(root)
     data = ET.tostring(root, encoding="utf-8", xml_declaration=True) + b"\n"
     if files is not None:
