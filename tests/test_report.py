@@ -271,6 +271,23 @@ def test_states_cut_during_recovery_have_their_own_row(tmp_path):
            '<td class="num">16,100</td>' in page
 
 
+def test_failed_states_cut_during_recovery_are_never_above_the_explored_line(tmp_path):
+    """Outcomes include the states cut during recovery; the explored count must too,
+    in the figure, the per-step table and the index, or failures outnumber tries."""
+    result = make_result(name="rc")
+    row = result["per_step"][5]
+    row["recovery_explored"] = 30
+    row["outcomes"]["mixed"] = row["outcomes"].get("mixed", 0) + 30
+    result["totals"]["recovery_explored"] = 30
+    _, _, explored, failed = plots.step_series(result["per_step"])
+    assert explored[5] == row["explored"] + 30
+    assert (failed <= explored).all()
+    write_reports(tmp_path, [(result, 1.0)])
+    page = (tmp_path / "rc" / "index.html").read_text()
+    assert '<th class="num">Cut in recovery</th>' in page
+    assert "+30 cut in recovery" in (tmp_path / "index.html").read_text()
+
+
 def test_index_lists_every_scenario(tmp_path, results):
     write_reports(tmp_path, results)
     index = (tmp_path / "index.html").read_text()

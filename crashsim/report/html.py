@@ -103,6 +103,7 @@ def _scenario_context(result: dict[str, Any], elapsed_s: float,
         "device": _flatten(sc.get("device") or {}),
         "explore": _flatten(sc.get("explore") or {}),
         "per_step": per_step, "per_step_open": len(per_step) <= PER_STEP_OPEN_LIMIT,
+        "during": bool(totals.get("recovery_explored")),
         "paths": sorted((result.get("recovery_paths") or {}).items(),
                         key=lambda kv: (-kv[1], kv[0])),
         "violations": result.get("violations") or [],
@@ -129,6 +130,7 @@ def _index_row(result: dict[str, Any], elapsed_s: float) -> dict[str, Any]:
             "complete": result.get("complete", True), "steps": totals.get("steps", 0),
             "memory_capped": "memory_cap" in (result.get("skipped_reasons") or []),
             "explored": totals.get("explored", 0),
+            "recovery_explored": totals.get("recovery_explored", 0),
             "violations": {c: n for c, n in violation_counts(result).items() if n},
             "elapsed_s": elapsed_s, "reason": failure_reason(result)}
 

@@ -72,11 +72,8 @@ def draw_states_per_step(fig: Figure, result: dict[str, Any]) -> None:
     rows = result.get("per_step") or []
     if not rows:
         return _no_data(ax, "no data: no I/O steps were recorded")
-    steps = np.array([r["step"] for r in rows])
-    legal = np.array([r.get("legal_states_log10", 0.0) for r in rows], dtype=float)
-    explored = np.array([r.get("explored", 0) for r in rows], dtype=float)
-    failed = np.array([sum(n for c, n in r.get("outcomes", {}).items() if is_violation(c))
-                       for r in rows], dtype=float)
+    steps, legal, explored, failed = step_series(rows)
+    during = any(r.get("recovery_explored") for r in rows)
     marker = "o" if len(rows) <= MARKER_LIMIT else None
     top = _top_decade(legal, explored)
     # counts beyond ~1e300 overflow a float, so the legal line is clipped in log space
@@ -90,7 +87,8 @@ def draw_states_per_step(fig: Figure, result: dict[str, Any]) -> None:
                     color="#d9d9d9", alpha=0.6, label="legal, not explored")
     ax.step(steps, legal_shown, where="mid", color="#525252", ls="--",
             label="legal states")
-    ax.plot(steps, explored, color=WRITE_COLOUR, marker=marker, ms=4, label="explored")
+    ax.plot(steps, explored, color=WRITE_COLOUR, marker=marker, ms=4,
+            label="explored (incl. cut during\nrecovery)" if during else "explored")
     ax.plot(steps, failed, color=FAILED_COLOUR, ls="none", marker="v",
             ms=7 if marker else 4,
             label="failed (any violation)")
@@ -103,6 +101,22 @@ def draw_states_per_step(fig: Figure, result: dict[str, Any]) -> None:
                      f"$10^{{{top:.0f}}}$", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     _legend_right(ax)
+
+
+def step_series(rows: list[dict[str, Any]]) -> tuple[np.ndarray, ...]:
+    """Per crash point: step, log10 of legal states, states judged, states failed.
+
+    States cut during recovery count as judged: the outcome counts (and so the failed
+    markers) include them, and a failed marker above the explored line would read as
+    more failing states than were ever tried.
+    """
+    steps = np.array([r["step"] for r in rows])
+    legal = np.array([r.get("legal_states_log10", 0.0) for r in rows], dtype=float)
+    explored = np.array([r.get("explored", 0) + (r.get("recovery_explored") or 0)
+                         for r in rows], dtype=float)
+    failed = np.array([sum(n for c, n in r.get("outcomes", {}).items() if is_violation(c))
+                       for r in rows], dtype=float)
+    return steps, legal, explored, failed
 
 
 def _legend_right(ax, **kw) -> None:
