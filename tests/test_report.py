@@ -309,7 +309,7 @@ def test_junit_one_case_per_scenario_with_failure(tmp_path, results):
     assert {c.get("classname") for c in cases} == {"crashsim.scenarios"}
     assert [c.get("time") for c in cases] == ["1.250", "0.500"]
     failure = cases[0].find("failure")
-    assert "s5-t1-00ab" in failure.get("message")
+    assert "minimal state s5-t1-00ab-min;" in failure.get("message")
     assert "crashsim replay s5-t1-00ab" in failure.get("message")
     assert cases[1].find("failure") is None
 

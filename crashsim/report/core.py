@@ -286,8 +286,9 @@ def failure_reason(result: dict[str, Any]) -> str:
     violations = result.get("violations") or []
     if violations:
         v = violations[0]
-        head += (f"; first violation {v['class']} at state {v['state_id']}; "
-                 f"replay: {v['replay_command']}")
+        # The state the replay command judges, so the two IDs on the line agree.
+        head += (f"; first violation {v['class']}, minimal state "
+                 f"{v['minimal_state_id']}; replay: {v['replay_command']}")
     return head
 
 
