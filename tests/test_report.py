@@ -241,6 +241,16 @@ def test_scenario_page_escapes_and_shows_everything(tmp_path, results):
     assert "No violations found." in clean
 
 
+def test_old_and_new_are_defined_by_acknowledgement(tmp_path, results):
+    """After a flush completes and its transaction is acknowledged, a correct recovery
+    is "old"; a note saying old is the state *before* the transaction reads as a
+    rollback of acknowledged data."""
+    write_reports(tmp_path, results)
+    page = (tmp_path / "wal-clean" / "index.html").read_text()
+    assert "old: recovery gave the view after exactly the acknowledged" in page
+    assert "the state before or after" not in page
+
+
 def test_incomplete_run_has_banner(tmp_path):
     result = make_result(name="partial", failing=False, complete=False)
     write_reports(tmp_path, [(result, 2.0)])
