@@ -251,6 +251,16 @@ def test_old_and_new_are_defined_by_acknowledgement(tmp_path, results):
     assert "the state before or after" not in page
 
 
+def test_diff_and_recovery_log_say_they_are_the_minimal_states(tmp_path, results):
+    """They are computed on the minimal state, which can differ from the first failing
+    state shown above them (a 28-byte diff for the minimal state, 2076 for the first)."""
+    write_reports(tmp_path, results)
+    page = (tmp_path / safe_dirname(HOSTILE_NAME) / "index.html").read_text()
+    assert "<strong>Expected vs actual</strong> (minimal state <code>s5-t1-00ab-min" \
+        "</code>)" in page
+    assert "<strong>Recovery decisions</strong> (minimal state)" in page
+
+
 def test_incomplete_run_has_banner(tmp_path):
     result = make_result(name="partial", failing=False, complete=False)
     write_reports(tmp_path, [(result, 2.0)])
