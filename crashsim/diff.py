@@ -52,9 +52,15 @@ def _differing_runs(a: bytes, b: bytes) -> list[tuple[int, int]]:
     return out
 
 
+def _size(n: int) -> str:
+    """64KiB, or "28 bytes": a bare 28 beside hex offsets could be read as sectors."""
+    text = format_size(n)
+    return f"{text} bytes" if text.isdigit() else text
+
+
 def _fill(data: bytes) -> str:
     if data.count(data[:1]) == len(data):
-        return f"0x{data[0]:02x} x {format_size(len(data))}"
+        return f"0x{data[0]:02x} x {_size(len(data))}"
     values = sorted(set(data[:4096]))
     return "mixed bytes (" + " ".join(f"{v:02x}" for v in values[:6]) + \
         (" ..." if len(values) > 6 else "") + ")"
@@ -63,7 +69,7 @@ def _fill(data: bytes) -> str:
 def _run_line(model: RangeModel, exp: bytes, act: bytes, start: int, end: int,
               block_bytes: int | None) -> str:
     off = model.locate(start)
-    where = f"0x{off:x}..0x{off + end - start:x} ({format_size(end - start)})"
+    where = f"0x{off:x}..0x{off + end - start:x} ({_size(end - start)})"
     if block_bytes:
         where += f" in block {off // block_bytes} +0x{off % block_bytes:x}"
     return f"{where}: expected {_fill(exp[start:end])}; actual {_fill(act[start:end])}"
