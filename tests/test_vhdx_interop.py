@@ -202,7 +202,7 @@ def test_samples_parse_with_info_and_log(sample, capsys):
     out = capsys.readouterr().out
     assert "creator:  Microsoft Windows 6.2.9200.16384" in out
     assert "Disk2VHD" in out and "creator:  d2v" in out
-    assert "dirty: 1 entries replayed in memory" in out
+    assert "dirty: 1 entry replayed in memory" in out
     assert "sequence log+0xc000..log+0xc000 (seq 7..7, 1 entries): ACTIVE" in out
 
 
