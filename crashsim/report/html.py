@@ -13,9 +13,9 @@ import jinja2
 
 from .. import __version__
 from . import plots
-from .core import (NOT_RUN_REASON, OUTCOME_CLASSES, FileSet, colour, counts_text, ensure_inside,
-                   expect_text, failure_reason, is_violation, legal_text, safe_dirname,
-                   scenario_dir, skipped_reasons_text, violation_counts)
+from .core import (NOT_RUN_REASON, OUTCOME_CLASSES, FileSet, colour, counts_text,
+                   ensure_inside, expect_text, failure_reason, is_violation, legal_text,
+                   safe_dirname, scenario_dir, skipped_reasons_text, violation_counts)
 
 PER_STEP_OPEN_LIMIT = 25   # longer per-step tables start collapsed
 
