@@ -3,13 +3,19 @@
 As chunks of crash points are judged (in any order) their ``StepResult`` records are
 written, each chunk as one JSON file, to ``<out>/<scenario folder>/.partial/``::
 
-    steps-<first>-<last>-<count>.json   {"key": {...}, "steps": [StepResult as JSON]}
+    steps-<first>-<last>-<count>.json   {"key": {...}, "seconds": S,
+                                         "steps": [StepResult as JSON]}
 
 Every file is written atomically and carries the key it belongs to: the scenario hash,
 seed, memory cap, number of crash points and crashsim version. ``load`` uses only files
 whose key matches, so a changed scenario never reuses stale results. Which worker count
 or chunking wrote a file does not matter: results are per crash point. A finished run
 removes the folder.
+
+``seconds`` is the scenario's run time so far, earlier runs included, so that a resumed
+run reports what the whole scenario took and not only its last part. A finished run
+keeps its total in ``<scenario folder>/.run-seconds`` for a later ``--resume`` that
+does not run it again. Neither is in results.json, which must not depend on timing.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from .explore import Context, Failure, StepResult
 from .report.core import atomic_write
 
 PARTIAL_DIR = ".partial"
+RUN_SECONDS_FILE = ".run-seconds"
 FORMAT = 1
 
 
@@ -44,33 +51,58 @@ class Checkpoint:
         self.folder = Path(scenario_folder) / PARTIAL_DIR
         self.key = key
         self.stale_files = 0
+        self.seconds = 0.0  # run time of the runs that saved what ``load`` found
 
-    def save(self, steps: list[StepResult]) -> None:
+    def save(self, steps: list[StepResult], seconds: float = 0.0) -> None:
         if not steps:
             return
         points = [s.step for s in steps]
         name = f"steps-{min(points)}-{max(points)}-{len(points)}.json"
-        doc = {"key": self.key, "steps": [step_to_json(s) for s in steps]}
+        doc = {"key": self.key, "seconds": round(seconds, 3),
+               "steps": [step_to_json(s) for s in steps]}
         atomic_write(self.folder / name, json.dumps(doc, separators=(",", ":")) + "\n")
 
     def load(self) -> list[StepResult]:
         """Saved results whose key matches, one per crash point, in step order."""
         found: dict[int, StepResult] = {}
-        self.stale_files = 0
+        self.stale_files, self.seconds = 0, 0.0
         for path in sorted(self.folder.glob("steps-*.json")):
             try:
                 doc = json.loads(path.read_text())
                 if doc.get("key") != self.key:
                     raise ValueError("saved for another scenario, seed or version")
-                for item in doc["steps"]:
-                    step = step_from_json(item)
-                    found[step.step] = step
+                # Each file holds the time to its save, earlier runs included.
+                seconds = _seconds(doc.get("seconds", 0.0))
+                steps = [step_from_json(item) for item in doc["steps"]]
             except (OSError, ValueError, KeyError, TypeError):
                 self.stale_files += 1
+                continue
+            found.update((step.step, step) for step in steps)
+            self.seconds = max(self.seconds, seconds)
         return [found[p] for p in sorted(found)]
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def save_run_seconds(scenario_folder: Path, seconds: float) -> None:
+    atomic_write(Path(scenario_folder) / RUN_SECONDS_FILE, f"{seconds:.3f}\n")
+
+
+def run_seconds(scenario_folder: Path) -> float:
+    """What the finished run in ``scenario_folder`` took; 0.0 when it is not known."""
+    try:
+        return _seconds(float((Path(scenario_folder) / RUN_SECONDS_FILE).read_text()))
+    except (OSError, ValueError):
+        return 0.0
+
+
+def _seconds(value: Any) -> float:
+    """A saved run time: a finite number of seconds, else a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not 0 <= value < float("inf"):
+        raise ValueError(f"not a run time: {value!r}")
+    return float(value)
 
 
 # -- StepResult <-> JSON ----------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
-from .checkpoint import Checkpoint, run_key
+from .checkpoint import Checkpoint, run_key, run_seconds, save_run_seconds
 from .errors import EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, InputError
 from .explore import (RECOVERY_SEP, ExploreInterrupted, StepResult, build_any,
                       build_context, crash_point, explore_all)
@@ -67,14 +67,14 @@ def run_scenarios(paths: list[Path], *, out_dir: Path, workers: int, seed: int |
     not_run: list[str] = []
     with _Progress() as progress:
         for i, (path, sc) in enumerate(scenarios):
-            t0 = time.monotonic()
+            clock = _Clock()
             try:
-                results = _run_scenario(sc, path, out_dir, opts, progress)
+                results = _run_scenario(sc, path, out_dir, opts, progress, clock)
             except _Stopped as stop:
                 stopped = stop.message
                 if stop.results is not None:
-                    done.append((stop.results, time.monotonic() - t0))
-                    progress.line(summary_line(stop.results, time.monotonic() - t0))
+                    done.append((stop.results, clock.seconds()))
+                    progress.line(summary_line(stop.results, clock.seconds()))
                 else:
                     not_run.append(sc.name)
                 not_run += [s.name for _, s in scenarios[i + 1:]]
@@ -83,8 +83,8 @@ def run_scenarios(paths: list[Path], *, out_dir: Path, workers: int, seed: int |
                 stopped = f"interrupted before {sc.name} was explored"
                 not_run += [s.name for _, s in scenarios[i:]]
                 break
-            done.append((results, time.monotonic() - t0))
-            progress.line(summary_line(results, time.monotonic() - t0))
+            done.append((results, clock.seconds()))
+            progress.line(summary_line(results, clock.seconds()))
             if (line := reproducer_line(results)) is not None:
                 progress.line(line)
     with held() as signals:
@@ -107,6 +107,16 @@ def _with_memory_cap(sc: Scenario, max_memory_mib: int | None) -> Scenario:
         update={"max_memory_mib": max_memory_mib})})
 
 
+class _Clock:
+    """A scenario's run time, with that of the earlier runs a ``--resume`` finishes."""
+
+    def __init__(self) -> None:
+        self.start, self.earlier_s = time.monotonic(), 0.0
+
+    def seconds(self) -> float:
+        return self.earlier_s + time.monotonic() - self.start
+
+
 @dataclass
 class _Options:
     workers: int
@@ -124,13 +134,14 @@ class _Stopped(Exception):
 
 
 def _run_scenario(sc: Scenario, path: Path, out_dir: Path, opts: _Options,
-                  progress: "_Progress") -> dict[str, Any]:
+                  progress: "_Progress", clock: _Clock) -> dict[str, Any]:
     """One scenario's results.json, explored (or resumed) with its judged chunks saved."""
     from .report.core import atomic_write, scenario_dir
     folder = scenario_dir(out_dir, sc.name)
     if opts.resume:
         finished = _finished_results(folder, sc)
         if finished is not None:
+            clock.earlier_s = run_seconds(folder)
             _note(f"resume: {sc.name}: finished earlier; not run again")
             return finished
     ctx = None
@@ -141,8 +152,9 @@ def _run_scenario(sc: Scenario, path: Path, out_dir: Path, opts: _Options,
         steps = _saved_steps(ckpt, ctx) if opts.resume else []
         if not steps:
             ckpt.clear()
+        clock.earlier_s = ckpt.seconds if steps else 0.0
         steps = explore_all(ctx, opts.workers, progress.callback(sc.name), opts.executor,
-                            opts.scheduler, saved=steps, on_chunk=_saver(ckpt),
+                            opts.scheduler, saved=steps, on_chunk=_saver(ckpt, clock),
                             isolated=True)
         results = _build(ctx, steps, str(path))
     except KeyboardInterrupt as exc:
@@ -159,16 +171,17 @@ def _run_scenario(sc: Scenario, path: Path, out_dir: Path, opts: _Options,
                        f"to finish it)", results) from None
     with held() as signals:
         atomic_write(folder / "results.json", dumps(results))
+        save_run_seconds(folder, clock.seconds())
         ckpt.clear()
     if signals.noted:
         raise _Stopped(f"interrupted after {sc.name} finished", results)
     return results
 
 
-def _saver(ckpt: Checkpoint) -> Callable[[list[StepResult]], None]:
+def _saver(ckpt: Checkpoint, clock: _Clock) -> Callable[[list[StepResult]], None]:
     def save(chunk: list[StepResult]) -> None:
         with held() as signals:
-            ckpt.save(chunk)
+            ckpt.save(chunk, clock.seconds())
         if signals.noted:
             raise KeyboardInterrupt
     return save
@@ -178,8 +191,9 @@ def _saved_steps(ckpt: Checkpoint, ctx) -> list[StepResult]:
     name, n_points = ctx.scenario.name, ctx.trace.n_steps + 1
     steps = ckpt.load()
     if steps:
-        _note(f"resume: {name}: {len(steps)} of {n_points} crash points saved; judging "
-              f"the other {n_points - len(steps)}")
+        _note(f"resume: {name}: {len(steps)} of {n_points} crash points saved "
+              f"({ckpt.seconds:.1f}s of run time); judging the other "
+              f"{n_points - len(steps)}")
     elif ckpt.stale_files:
         _note(f"resume: {name}: the saved results are for another version of the "
               f"scenario, seed or crashsim; running it from the start")

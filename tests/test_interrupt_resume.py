@@ -209,6 +209,10 @@ def test_interrupt_then_resume_matches_an_uninterrupted_run(work, uninterrupted,
     assert list((folder / "slow-wal" / ".partial").glob("steps-*.json"))
     page = (folder / "slow-wal" / "index.html").read_text()
     assert "INCOMPLETE run" in page and "--resume" in page
+    judged = partial["totals"]["crash_points"] - partial["unexplored_crash_points"]
+    assert f"below cover the\n  {judged} crash points judged" in page
+    assert f"{judged} of {partial['totals']['crash_points']}\n          crash points " \
+           f"judged" in (folder / "index.html").read_text()
     junit = (folder / "junit.xml").read_text()
     assert 'name="complete" value="false"' in junit and "incomplete run" in junit
     assert "INCOMPLETE (interrupted" in stopped.stdout
@@ -264,6 +268,47 @@ def test_resume_from_any_saved_subset_is_byte_identical(tmp_path):
         assert code == 0
         assert (out / "subsets" / "results.json").read_bytes() == want, trial
         assert not (out / "subsets" / ".partial").exists()
+
+
+def _run_time_s(page: Path) -> float:
+    text = page.read_text()
+    return float(text.split("<dt>Run time</dt><dd>")[1].split(" s ")[0])
+
+
+def test_a_resumed_run_reports_the_time_of_every_run_it_took(tmp_path, capsys):
+    """The run time on the page and in junit is the scenario's, not only its last part's:
+    the saved chunks carry the time before the interrupt, and a finished run keeps its
+    total for a --resume that does not run it again."""
+    path = _small(tmp_path, "timed")
+    sc = load_scenario(path)
+    ctx = build_context(sc)
+    out = tmp_path / "out"
+    Checkpoint(scenario_dir(out, sc.name), run_key(ctx)).save(explore_all(ctx)[:9],
+                                                              seconds=100.0)
+    for runs in range(2):  # resumed, then finished earlier and not run again
+        assert run_scenarios([path], out_dir=out, workers=1, seed=None, resume=True) == 0
+        err = capsys.readouterr().err
+        assert ("9 of 33 crash points saved (100.0s of run time)" in err) == (runs == 0)
+        assert ("finished earlier; not run again" in err) == (runs == 1)
+        assert 100.0 < _run_time_s(out / "timed" / "index.html") < 160.0, runs
+        junit = (out / "junit.xml").read_text()
+        assert 100.0 < float(junit.split('time="')[2].split('"')[0]) < 160.0, runs
+    assert run_scenarios([path], out_dir=out, workers=1, seed=None) == 0  # not resumed
+    assert _run_time_s(out / "timed" / "index.html") < 60.0
+
+
+def test_saved_results_with_a_corrupt_run_time_are_not_used(tmp_path):
+    path = _small(tmp_path, "badtime")
+    ctx = build_context(load_scenario(path))
+    ckpt = Checkpoint(tmp_path / "folder", run_key(ctx))
+    steps = explore_all(ctx)
+    ckpt.save(steps[:3], seconds=5.0)
+    ckpt.save(steps[3:6], seconds=7.5)
+    assert [s.step for s in ckpt.load()] == list(range(6)) and ckpt.seconds == 7.5
+    bad = sorted(ckpt.folder.glob("steps-3-*.json"))[0]
+    bad.write_text(bad.read_text().replace('"seconds":7.5', '"seconds":"soon"'))
+    assert [s.step for s in ckpt.load()] == [0, 1, 2] and ckpt.seconds == 5.0
+    assert ckpt.stale_files == 1
 
 
 def test_interrupted_while_shrinking_then_resumed(tmp_path, monkeypatch):

@@ -128,6 +128,8 @@ def _index_row(result: dict[str, Any], elapsed_s: float) -> dict[str, Any]:
     return {"name": sc["name"], "href": f"{safe_dirname(sc['name'])}/index.html",
             "verdict": result.get("verdict", "fail"), "expect": expect_text(result),
             "complete": result.get("complete", True), "steps": totals.get("steps", 0),
+            "unexplored": result.get("unexplored_crash_points", 0),
+            "crash_points": totals.get("crash_points", 0),
             "memory_capped": "memory_cap" in (result.get("skipped_reasons") or []),
             "explored": totals.get("explored", 0),
             "recovery_explored": totals.get("recovery_explored", 0),
