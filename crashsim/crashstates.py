@@ -232,7 +232,6 @@ class CrashState:
     equal for equal content (across steps too), so it can key caches of verdicts.
     """
 
-    state_id: str
     tier: str
     p: int
     built: SparseImage | None  # None until ``image`` is first asked for
@@ -243,6 +242,19 @@ class CrashState:
     picks: tuple[Pick, ...] = ()
     step: "StepStates | None" = field(default=None, repr=False, compare=False)
     assign: "Assignment | None" = field(default=None, repr=False, compare=False)
+    named: str | None = field(default=None, compare=False)  # see ``state_id``
+
+    @property
+    def state_id(self) -> str:
+        """Formatted on first use: only failures and replays need it, and formatting
+        every enumerated state's cost 4% of judging the bench workload."""
+        if self.named is None:
+            self.named = format_state_id(self.p, self.picks)
+        return self.named
+
+    @state_id.setter
+    def state_id(self, value: str) -> None:
+        self.named = value
 
     @property
     def torn(self) -> list[tuple[int, int]]:
@@ -806,8 +818,7 @@ def _state(step: StepStates, img: SparseImage | None, key: str, picks: tuple[Pic
             torn += pw.n_units - len(pw.illegal) - len(pick.clean)
         garbage += [(pick.io_id, r) for r in sorted(pick.garbage)]
     survivors = [pick.io_id for pick in picks if pick.applied]
-    return CrashState(format_state_id(step.p, picks), tier, step.p, img, survivors, torn,
-                      garbage, key, picks, step, assign)
+    return CrashState(tier, step.p, img, survivors, torn, garbage, key, picks, step, assign)
 
 
 def _is_torn(pw: PendingWrite, pick: Pick) -> bool:
