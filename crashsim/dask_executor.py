@@ -15,16 +15,20 @@ from .errors import InputError
 from .scenario import Scenario
 from .trace import Trace
 
-_CONTEXTS: dict[tuple[str, int], object] = {}
+# The context of the run this worker last judged for. Kept only for the very scenario
+# and trace objects scattered for that run: a long-lived worker on a shared scheduler
+# sees later runs too, and a trace recorded at run time differs from run to run under
+# the same scenario hash (QEMU writes fresh GUIDs), so a context kept by hash judged a
+# later run's chunks against an earlier run's trace. One slot also bounds its memory.
+_CONTEXT: tuple[Scenario, Trace, object] | None = None
 
 
 def _explore_chunk(scenario: Scenario, trace: Trace, steps: list[int]):
+    global _CONTEXT
     from .explore import build_context, judge_steps
-    key = (scenario.digest(), scenario.explore.max_memory_mib)
-    ctx = _CONTEXTS.get(key)
-    if ctx is None:
-        ctx = _CONTEXTS[key] = build_context(scenario, trace)
-    return judge_steps(ctx, steps)  # under the scenario's memory cap, per worker
+    if _CONTEXT is None or _CONTEXT[0] is not scenario or _CONTEXT[1] is not trace:
+        _CONTEXT = (scenario, trace, build_context(scenario, trace))
+    return judge_steps(_CONTEXT[2], steps)  # under the scenario's memory cap, per worker
 
 
 def require_dask() -> None:

@@ -36,6 +36,28 @@ def test_serial_process_and_dask_results_are_identical(tmp_path):
     assert '"mixed": 0' not in serial
 
 
+def test_a_dask_worker_judges_each_run_against_that_run_s_trace(tmp_path):
+    """A worker of a shared scheduler outlives a run. A trace recorded at run time
+    differs between runs of one scenario (same hash), so the next run's chunks must not
+    be judged against the context, and trace, the worker kept from the last one."""
+    from crashsim.dask_executor import _explore_chunk
+    from crashsim.device import simulate
+    from crashsim.explore import build_context, device_config, judge_steps, make_writer
+    path = tmp_path / "executors.yaml"
+    path.write_text(SCENARIO)
+    sc = load_scenario(path)
+    other = sc.model_copy(update={"explore": sc.explore.model_copy(update={"seed": 4})})
+    first = build_context(sc).trace
+    second = simulate(make_writer(other), device_config(other))  # a "re-recording"
+    steps = list(range(min(first.n_steps, second.n_steps) + 1))
+    _explore_chunk(sc, first, steps)
+    again = sc.model_copy()  # what the next run scatters: equal, not the same object
+    assert _explore_chunk(again, second, steps) == \
+        judge_steps(build_context(again, second), steps)
+    assert judge_steps(build_context(sc, first), steps) != \
+        judge_steps(build_context(sc, second), steps)  # the traces do judge differently
+
+
 def test_each_worker_walks_its_lane_then_takes_the_upper_half_of_the_largest_left():
     from crashsim.lanes import Lanes
     lanes = Lanes(list(range(100, 112)), 2)  # lanes 100-105 and 106-111
