@@ -7,10 +7,10 @@ written, each chunk as one JSON file, to ``<out>/<scenario folder>/.partial/``::
                                          "steps": [StepResult as JSON]}
 
 Every file is written atomically and carries the key it belongs to: the scenario hash,
-seed, memory cap, number of crash points and crashsim version. ``load`` uses only files
-whose key matches, so a changed scenario never reuses stale results. Which worker count
-or chunking wrote a file does not matter: results are per crash point. A finished run
-removes the folder.
+seed, memory cap, number of crash points, digest of the trace and crashsim version.
+``load`` uses only files whose key matches, so a changed scenario never reuses stale
+results. Which worker count or chunking wrote a file does not matter: results are per
+crash point. A finished run removes the folder.
 
 ``seconds`` is the scenario's run time so far, earlier runs included, so that a resumed
 run reports what the whole scenario took and not only its last part. A finished run
@@ -20,6 +20,7 @@ does not run it again. Neither is in results.json, which must not depend on timi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 from collections import Counter
@@ -41,7 +42,22 @@ def run_key(ctx: Context) -> dict[str, Any]:
     return {"format": FORMAT, "crashsim_version": __version__,
             "scenario_hash": sc.digest(), "seed": sc.explore.seed,
             "max_memory_mib": sc.explore.max_memory_mib,  # it decides what was skipped
-            "crash_points": ctx.trace.n_steps + 1}
+            "crash_points": ctx.trace.n_steps + 1, "trace": trace_digest(ctx.trace)}
+
+
+def trace_digest(trace) -> str:
+    """The I/O the crash points were judged on. The scenario hash does not pin it for a
+    trace recorded at run time: QEMU writes fresh GUIDs (and other bytes that vary) each
+    time, so a resume re-records a different trace, whose crash points must not be
+    mixed with the saved ones."""
+    h = hashlib.blake2b(trace.base.content_key().encode(), digest_size=16)
+    for step in trace.steps:
+        h.update(f"{step.kind}:{step.io_id};".encode())
+    for io, w in sorted(trace.writes.items()):
+        h.update(f"{io}:{w.offset}:{w.fua}:{len(w.data)};".encode())
+        h.update(w.data)
+    h.update(repr((trace.tx_marks, trace.destages, trace.resizes)).encode())
+    return h.hexdigest()
 
 
 class Checkpoint:

@@ -196,7 +196,8 @@ def _saved_steps(ckpt: Checkpoint, ctx) -> list[StepResult]:
               f"{n_points - len(steps)}")
     elif ckpt.stale_files:
         _note(f"resume: {name}: the saved results are for another version of the "
-              f"scenario, seed or crashsim; running it from the start")
+              f"scenario, seed or crashsim, or another recording of its trace; running "
+              f"it from the start")
     else:
         _note(f"resume: {name}: nothing saved to resume; running it from the start")
     return steps

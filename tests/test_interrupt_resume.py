@@ -361,6 +361,25 @@ def test_resume_ignores_results_saved_for_another_seed(tmp_path, capsys):
         (tmp_path / "ref" / "stale" / "results.json").read_bytes()
 
 
+def test_resume_ignores_results_saved_for_another_recording_of_the_trace(tmp_path):
+    """A trace recorded at run time is recorded again by the resumed run, and QEMU's
+    bytes differ each time (fresh GUIDs) under the same scenario hash: crash points
+    judged on the old recording must not be mixed with ones judged on the new."""
+    import dataclasses
+    from crashsim.trace import Write
+    sc = load_scenario(_small(tmp_path, "rerecorded"))
+    ctx = build_context(sc)
+    folder = tmp_path / "out" / "rerecorded"
+    Checkpoint(folder, run_key(ctx)).save(explore_all(ctx)[:10])
+    io, w = next(iter(ctx.trace.writes.items()))
+    changed = bytes([w.data[0] ^ 0xFF]) + w.data[1:]  # the same I/O, one byte apart
+    again = dataclasses.replace(ctx.trace, writes={**ctx.trace.writes,
+                                                   io: Write(io, w.offset, changed, w.fua)})
+    fresh = Checkpoint(folder, run_key(build_context(sc, again)))
+    assert fresh.load() == [] and fresh.stale_files == 1
+    assert len(Checkpoint(folder, run_key(build_context(sc, ctx.trace))).load()) == 10
+
+
 def test_a_run_without_resume_discards_old_saved_results(tmp_path):
     path = _small(tmp_path, "discard")
     sc = load_scenario(path)
