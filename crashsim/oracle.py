@@ -174,11 +174,13 @@ class Judge:
             return Examined(Recovery(branches=["refused"]), error=f"refused: {exc}",
                             recovery_trace=rec_trace)
         except Exception as exc:  # a crashing recovery is a finding, not our crash
-            return Examined(Recovery(branches=["crashed"]), error=_crash_text(exc),
-                            recovery_trace=rec_trace)
+            return Examined(Recovery(branches=["crashed"]),
+                            error=_crash_text(exc, "recovery"), recovery_trace=rec_trace)
         ex = Examined(recovery, recovery_trace=rec_trace)
+        stage = "view"  # which of the writer's methods a crash came from
         try:
             view = self._view_of(image, work, dev, reads)
+            stage = "structure check"
             checks = self._checks_of(dev)
             ex.structure = list(checks.structure)
         except RecoveryError as exc:
@@ -187,7 +189,7 @@ class Judge:
         except PluginError:
             raise
         except Exception as exc:
-            ex.error = _crash_text(exc)
+            ex.error = _crash_text(exc, stage)
             return ex
         ex.matched_k = self.model.matching(view)
         if self.keep_views:
@@ -249,7 +251,7 @@ class Judge:
         except (ProbeFailed, RecoveryError) as exc:
             return f"next transaction failed: {exc}"
         except Exception as exc:
-            return f"next transaction crashed: {_crash_text(exc)}"
+            return _crash_text(exc, "next transaction")
         return None
 
     def _in_writer(self, fn: Callable, *args):
@@ -317,7 +319,7 @@ class _KeyedCache:
             self._count -= len(dropped)
 
 
-def _crash_text(exc: BaseException) -> str:
+def _crash_text(exc: BaseException, what: str) -> str:
     frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
     where = f" at {frame[0].filename.rsplit('/', 1)[-1]}:{frame[0].lineno}" if frame else ""
-    return f"recovery crashed: {type(exc).__name__}: {exc}{where}"
+    return f"{what} crashed: {type(exc).__name__}: {exc}{where}"

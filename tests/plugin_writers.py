@@ -105,3 +105,19 @@ class PlainRun(InPlace):
 class CountingView(InPlace):
     def view(self, dev, ranges):  # a count, not the bytes the protocol asks for
         return sum(n for _, n in ranges)
+
+
+class CrashingView(InPlace):
+    def view(self, dev, ranges):
+        return {}[ranges[0]]  # a bug in the writer's view: KeyError
+
+
+class CrashingCheck(InPlace):
+    def check_structure(self, dev):
+        return [1 / 0]  # a bug in the writer's structure check
+
+
+class CrashingProbe(InPlace):
+    def probe(self, dev):
+        yield from dev.flush()
+        raise AssertionError("the probe's own bug")

@@ -121,6 +121,23 @@ def test_a_plugin_that_breaks_the_protocol_is_named_at_its_line(tmp_path, cls, w
     assert words in proc.stderr
 
 
+@pytest.mark.parametrize("cls, outcome, words", [
+    ("CrashingView", "recovery-error", "view crashed: KeyError: "),
+    ("CrashingCheck", "recovery-error", "structure check crashed: ZeroDivisionError: "),
+    ("CrashingProbe", "stuck",
+     "next transaction crashed: AssertionError: the probe's own bug"),
+])
+def test_a_crash_in_a_writer_method_names_that_method(tmp_path, cls, outcome, words):
+    """Not "recovery crashed" whatever method it was: the detail sends the writer's
+    author to the method that raised, at its own line."""
+    path = _scenario(tmp_path, cls)
+    res = run_one(load_scenario(path), str(path))
+    first = res["violations"][0]
+    assert first["class"] == outcome
+    assert first["detail"].startswith(words), first["detail"]
+    assert "plugin_writers.py:" in first["detail"]
+
+
 def test_transactions_out_of_order_are_refused():
     from crashsim.device import TxRecorder
     from crashsim.errors import PluginError

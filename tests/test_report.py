@@ -251,6 +251,17 @@ def test_old_and_new_are_defined_by_acknowledgement(tmp_path, results):
     assert "the state before or after" not in page
 
 
+def test_a_writer_without_injected_defects_is_not_called_correct(tmp_path):
+    """vhdx-2013 runs its own protocol, whose defects are built in: no defect was
+    injected, which says nothing of whether the writer is correct."""
+    result = make_result(name="vhdx-2013", failing=True)
+    result["scenario"]["defects"] = []
+    write_reports(tmp_path, [(result, 1.0)])
+    page = (tmp_path / "vhdx-2013" / "index.html").read_text()
+    assert '<dt>Defects</dt><dd><span class="muted">none injected</span>' in page
+    assert "correct writer" not in page
+
+
 def test_diff_and_recovery_log_say_they_are_the_minimal_states(tmp_path, results):
     """They are computed on the minimal state, which can differ from the first failing
     state shown above them (a 28-byte diff for the minimal state, 2076 for the first)."""
