@@ -336,6 +336,17 @@ def test_create_rejects_bad_geometry():
         create_image(1000)
 
 
+def test_create_refuses_a_log_too_long_for_the_headers_length_field(tmp_path, capsys):
+    # LogLength is a u32: a 4 GiB log used to crash packing the header (exit 3)
+    from crashsim.cli import main
+    path = tmp_path / "n.vhdx"
+    assert main(["vhdx", "create", str(path), "--size", "1GiB", "--log-size", "4GiB"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"crashsim: error: {path}: log size")
+    assert "at most 4095 MiB" in err and not path.exists()
+    create_image(64 * MiB, log_size_bytes=4095 * MiB)  # the largest that fits
+
+
 def test_large_log_and_block_sizes_place_regions_in_order():
     img = create_image(200 << 30, block_size_bytes=32 * MiB, log_size_bytes=4 * MiB)
     regions = f.parse_region_table(img.read(0x30000, 65536), 0x30000)

@@ -18,6 +18,7 @@ from .format import (BAT_GUID, HEADER_SLOTS, METADATA_GUID, MiB, REGION_TABLE_OF
 
 CREATOR = "crashsim"
 LOG_OFFSET = 1 * MiB
+MAX_LOG_BYTES = 4095 * MiB  # the header's LogLength is 32 bits and a whole number of MiB
 
 
 def random_guid(rng: random.Random) -> uuid.UUID:
@@ -30,8 +31,9 @@ def _check_args(virtual_size: int, block_size: int, log_size: int, logical: int,
     if block_size < MiB or block_size > 256 * MiB or block_size & (block_size - 1):
         raise ValueError(f"block size {block_size} must be a power of two from 1 MiB to "
                          f"256 MiB")
-    if log_size < MiB or log_size % MiB:
-        raise ValueError(f"log size {log_size} must be a positive multiple of 1 MiB")
+    if log_size < MiB or log_size % MiB or log_size > MAX_LOG_BYTES:
+        raise ValueError(f"log size {log_size} must be a positive multiple of 1 MiB, at "
+                         f"most 4095 MiB")
     if logical not in (512, 4096) or physical not in (512, 4096):
         raise ValueError(f"sector sizes must be 512 or 4096 (got {logical}/{physical})")
     if virtual_size <= 0 or virtual_size % logical or virtual_size > 64 << 40:
