@@ -1012,7 +1012,7 @@ def format_units(units: Sequence[int] | frozenset[int]) -> str:
     return ",".join(out)
 
 
-def parse_units(text: str, where: str) -> frozenset[int]:
+def parse_units(text: str, where: str, n_units: int | None = None) -> frozenset[int]:
     units: set[int] = set()
     for part in filter(None, text.split(",")):
         lo, sep, hi = part.partition("-")
@@ -1021,6 +1021,10 @@ def parse_units(text: str, where: str) -> frozenset[int]:
         a, b = int(lo), int(hi) if sep else int(lo)
         if b < a:
             raise ValueError(f"{where}: unit range {part!r} runs backwards")
+        if n_units is not None:
+            # one unit past the write is enough for the caller to refuse the range:
+            # [0-999999999999] must not build a set of a trillion units first
+            b = min(b, max(a, n_units))
         units.update(range(a, b + 1))
     return frozenset(units)
 
@@ -1076,11 +1080,11 @@ def _parse_pick(step: StepStates, part: str, state_id: str) -> Pick:
         pending = ", ".join(map(str, sorted(step.by_io))) or "none"
         raise ValueError(f"{where}: write {io} is not pending at p{step.p} "
                          f"(pending: {pending})")
-    garbage = parse_units(m.group(3) or "", where)
+    garbage = parse_units(m.group(3) or "", where, pw.n_units)
     if m.group(2) is None:
         clean = frozenset(range(pw.n_units)) - garbage
     else:
-        clean = parse_units(m.group(2), where)
+        clean = parse_units(m.group(2), where, pw.n_units)
     if clean & garbage:
         raise ValueError(f"{where}: write {io} units {format_units(clean & garbage)} "
                          f"are both clean and garbage")

@@ -278,6 +278,10 @@ def test_id_syntax():
     ("p99:none", "outside the trace"),
     ("p5:w2", "write 2 is not pending at p5 \\(pending: 0, 1, 3\\)"),
     ("p5:w0[4]", "write 0 has units 0-3; unit 4 is out of range"),
+    # refused at once, not after building a set of a trillion units (MemoryError)
+    ("p5:w0[0-999999999999]", "write 0 has units 0-3; unit 4 is out of range"),
+    ("p5:w0[0]!g1-999999999999", "write 0 has units 0-3; unit 4 is out of range"),
+    ("p5:w0[999999999999]", "write 0 has units 0-3; unit 999999999999 is out of range"),
     ("p5:w0[0-1]!g1", "units 1 are both clean and garbage"),
     ("p5:w0+w1", "are the same device unit"),
 ])
