@@ -10,6 +10,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import NoReturn
 
 from .errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, InputError
 
@@ -34,9 +35,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line and exit 2, like every other bad input: argparse's own
+    prints the whole usage block above it. Subcommands inherit the class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_INPUT, f"crashsim: error: {message} (see '{self.prog} --help')\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="crashsim", description="Crash-consistency fault "
-                                "injection for storage code.")
+    p = _Parser(prog="crashsim", description="Crash-consistency fault "
+                "injection for storage code.")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="explore the crash states of scenarios and report")

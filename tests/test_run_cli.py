@@ -143,6 +143,25 @@ def test_executor_options_that_cannot_work_are_input_errors(tmp_path, monkeypatc
         dask_executor.require_dask()
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["run", "x.yaml", "--workers", "x"], "argument --workers: invalid int value: 'x'"),
+    (["run", "x.yaml", "--seed", "1.5"], "argument --seed: invalid int value: '1.5'"),
+    (["replay", "p0:none", "--scenario", "x.yaml", "--seed", "z"], "argument --seed"),
+    (["vhdx", "write", "x.vhdx", "0", "1", "--seed", "q"], "argument --seed"),
+    (["vhdx", "replay", "--policy", "foo", "x.vhdx"], "invalid choice: 'foo'"),
+    (["run"], "required: scenarios"),
+])
+def test_option_values_argparse_refuses_are_one_line(capsys, args, needle):
+    # argparse printed its usage block above the error: three lines for one mistake
+    from crashsim.cli import main
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("crashsim: error: "), err
+    assert needle in err and f"(see 'crashsim {args[0]}" in err
+
+
 def test_pytest_plugin_runs_scenarios_and_reports_a_violation(tmp_path):
     folder = tmp_path / "scenarios"
     folder.mkdir()
