@@ -11,6 +11,7 @@ import argparse
 import os
 import random
 import shlex
+import stat
 import sys
 from collections import Counter
 from typing import BinaryIO, Callable
@@ -103,10 +104,19 @@ COMPRESSED = ((b"BZh", "bzip2"), (b"\x1f\x8b", "gzip"), (b"\xfd7zXZ\x00", "xz"),
 
 
 def _need_file(path: str) -> None:
-    if not os.path.exists(path):
-        raise CliError("no such file")
-    if os.path.isdir(path):
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise CliError("no such file") from None
+    except OSError as exc:  # a symlink loop is not "no such file"
+        raise CliError(f"cannot open: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
         raise CliError("is a directory, not an image file")
+    if not stat.S_ISREG(mode):
+        # a pipe (<(bzcat x.vhdx.bz2)) reads once and has no size; opening a FIFO with
+        # no writer would wait forever
+        raise CliError("not a regular file (a pipe or a device): an image is read at "
+                       "random offsets; save it to a file first")
     _refuse_compressed(path)
 
 

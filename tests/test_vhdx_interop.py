@@ -39,7 +39,7 @@ def _qemu(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.run([sys.executable, "-m", "crashsim.vhdx_cli", "vhdx", *args],
-                          capture_output=True, text=True, env=env)
+                          capture_output=True, text=True, env=env, timeout=120)
 
 
 def _cli_in_process(*args: str) -> int:
@@ -360,6 +360,15 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     _one_line_error(_cli("info", str(missing)), missing, "no such file")
     _one_line_error(_cli("write", str(good), "1GiB", "4KiB"), good, "outside")
     assert "(at offset 0x" in _cli("info", str(junk)).stderr
+
+
+def test_cli_refuses_a_pipe_and_a_symlink_loop_by_what_they_are(tmp_path):
+    fifo = tmp_path / "disk.vhdx"
+    os.mkfifo(fifo)  # with no writer, the open waited forever; a pipe with one read as
+    _one_line_error(_cli("info", str(fifo)), fifo, "not a regular file")  # "empty"
+    loop = tmp_path / "loop.vhdx"
+    loop.symlink_to(loop)  # was "no such file", though the link is there
+    _one_line_error(_cli("log", str(loop)), loop, "cannot open: ")
 
 
 def test_cli_read_output_errors_name_the_output_file(tmp_path):
