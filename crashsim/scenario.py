@@ -670,6 +670,12 @@ def _check_trace_shape(path: Path, data: CommentedMap) -> bool:
                 problems.append(f"{path}:{_line_of(data, ('trace',))}: {key}: required "
                                 f"key is missing (a trace scenario needs trace, model and "
                                 f"recovery)")
+        for key in ("trace", "model", "recovery"):
+            # "key:" with nothing under it reads as null, which the model takes as "not
+            # given": the run went on without a trace, a truth or a recovery
+            if key in data and data[key] is None:
+                problems.append(f"{path}:{_line_of(data, (key,))}: {key}: "
+                                f"{_mapping_msg((key,), None)} (got None)")
     else:
         for key in TRACE_ONLY_KEYS:
             if key in data:

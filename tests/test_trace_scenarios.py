@@ -190,6 +190,25 @@ def test_trace_scenario_needs_model_and_recovery_and_plain_one_refuses_them(tmp_
         load_scenario(plain)
 
 
+@pytest.mark.parametrize("key, text", [
+    ("trace", "trace:\n"), ("model", "model:\n"), ("recovery", "recovery: null\n")])
+def test_a_trace_key_left_empty_is_refused_at_its_line(tmp_path, key, text):
+    # an empty trace was a plugin error naming crashsim's own file, an empty recovery
+    # an AttributeError (exit 3), and an empty model a run that passed judging nothing
+    path = _linux_scenario(tmp_path, "empty", "probe: none\n", "pass")
+    lines = path.read_text().splitlines(keepends=True)
+    at = next(i for i, ln in enumerate(lines) if ln.startswith(key + ":"))
+    end = at + 1
+    while end < len(lines) and lines[end].startswith(" "):
+        end += 1
+    path.write_text("".join(lines[:at] + [text] + lines[end:]))
+    proc = _cli("run", str(path), "--out", str(tmp_path / "out"), "--workers", "1")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (f"crashsim: error: {path}:{at + 1}: {key}: expected a mapping "
+                           f"of keys: {{key: value}}, or key: value lines indented below "
+                           f"(got None)\n")
+
+
 def test_trace_paths_resolve_against_the_scenario_folder(tmp_path):
     sub = tmp_path / "sub"
     sub.mkdir()
