@@ -700,10 +700,9 @@ def _check_trace(path: Path, data: Any, scenario: Scenario) -> None:
                         f"image file after the recording (e.g. stat -c %s image.vhdx)")
     for key in ("log", "base_image"):
         name = getattr(t, key)
-        if name is not None and not scenario.resolve_path(name).is_file():
-            problems.append(f"{path}:{_line_of(data, ('trace', key))}: trace.{key}: file "
-                            f"not found: {scenario.resolve_path(name)} (paths are "
-                            f"relative to the scenario file's folder)")
+        why = None if name is None else _not_a_file(scenario, name)
+        if why is not None:
+            problems.append(f"{path}:{_line_of(data, ('trace', key))}: trace.{key}: {why}")
     if scenario.recovery.command is not None and scenario.explore.recovery_crash:
         problems.append(f"{path}:{_line_of(data, ('explore', 'recovery_crash'))}: "
                         f"explore.recovery_crash: an external recovery command's writes "
@@ -713,6 +712,19 @@ def _check_trace(path: Path, data: Any, scenario: Scenario) -> None:
     if problems:
         raise ScenarioError(problems)
     _check_total_bytes(path, data, scenario, ("model", "ops"))
+
+
+def _not_a_file(scenario: Scenario, name: str) -> str | None:
+    """Why a trace input names no file, or None when it does."""
+    try:
+        if scenario.resolve_path(name).is_file():
+            return None
+    except RuntimeError:  # ~user, and no such user
+        return f"cannot expand ~ in {_short(name)}: no such user; write the path out"
+    except OSError as exc:  # a name too long, a folder that may not be searched
+        return f"cannot use {_short(name)}: {exc.strerror}"
+    return (f"file not found: {scenario.resolve_path(name)} (paths are relative to the "
+            f"scenario file's folder)")
 
 
 def _check_ops_fit(path: Path, data: Any, scenario: Scenario) -> None:

@@ -209,6 +209,21 @@ def test_a_trace_key_left_empty_is_refused_at_its_line(tmp_path, key, text):
                            f"(got None)\n")
 
 
+@pytest.mark.parametrize("name, needle", [
+    ("~no-such-user-here/linux.log", "cannot expand ~ in '~no-such-user-here/linux.log': "
+                                     "no such user"),
+    ("x" * 300 + ".log", "File name too long")])
+def test_a_trace_path_that_cannot_be_looked_up_is_refused_at_its_line(tmp_path, name,
+                                                                       needle):
+    # Path.is_file raised: RuntimeError for an unknown ~user, OSError for ENAMETOOLONG
+    path = _linux_scenario(tmp_path, "odd", "probe: none\n", "pass")
+    path.write_text(path.read_text().replace("log: linux.log", f"log: '{name}'"))
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(path)
+    [line] = err.value.lines
+    assert line.startswith(f"{path}:2: trace.log: ") and needle in line
+
+
 def test_trace_paths_resolve_against_the_scenario_folder(tmp_path):
     sub = tmp_path / "sub"
     sub.mkdir()
