@@ -14,6 +14,8 @@ from typing import NoReturn
 
 from .errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, InputError
 
+MAX_WORKERS = 1024
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
@@ -51,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="explore the crash states of scenarios and report")
     run.add_argument("scenarios", nargs="+", type=Path)
     run.add_argument("--out", type=Path, default=Path("reports"))
-    run.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    run.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, MAX_WORKERS))
     run.add_argument("--seed", type=int, default=None,
                      help="override every scenario's explore.seed")
     run.add_argument("--executor", choices=["process", "dask"], default="process")
@@ -91,8 +93,10 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .interrupt import sigterm_as_interrupt
     from .runner import run_scenarios
-    if args.workers < 1:
-        raise InputError("--workers must be at least 1")
+    if not 1 <= args.workers <= MAX_WORKERS:
+        # each is a process forked at once, with its share of the lanes in shared
+        # memory: --workers 1000000000000 died allocating them (exit 3)
+        raise InputError(f"--workers must be from 1 to {MAX_WORKERS}, got {args.workers}")
     if args.max_memory_mib is not None and args.max_memory_mib < 1:
         raise InputError("--max-memory-mib must be at least 1")
     if args.scheduler and args.executor != "dask":

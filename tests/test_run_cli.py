@@ -162,6 +162,17 @@ def test_option_values_argparse_refuses_are_one_line(capsys, args, needle):
     assert needle in err and f"(see 'crashsim {args[0]}" in err
 
 
+@pytest.mark.parametrize("workers", ["0", "-1", "1025", "1000000000000"])
+def test_workers_out_of_range_is_an_input_error(tmp_path, capsys, workers):
+    # a huge count died allocating the pool's shared lanes (exit 3), before any fork
+    from crashsim.cli import main
+    sc = _write(tmp_path, "workers")
+    assert main(["run", str(sc), "--out", str(tmp_path / "out"), "--workers", workers]) == 2
+    assert capsys.readouterr().err == (f"crashsim: error: --workers must be from 1 to "
+                                       f"1024, got {workers}\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_pytest_plugin_runs_scenarios_and_reports_a_violation(tmp_path):
     folder = tmp_path / "scenarios"
     folder.mkdir()
