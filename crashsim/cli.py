@@ -48,7 +48,7 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="crashsim", description="Crash-consistency fault "
                 "injection for storage code.")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="explore the crash states of scenarios and report")
     run.add_argument("scenarios", nargs="+", type=Path)

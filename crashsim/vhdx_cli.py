@@ -44,7 +44,7 @@ class CliError(Exception):
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("vhdx", help="inspect, replay, read, create and write VHDX "
                               "images")
-    sub = p.add_subparsers(dest="vhdx_command", required=True)
+    sub = p.add_subparsers(dest="vhdx_command", required=True, metavar="COMMAND")
     info = sub.add_parser("info", help="file identifier, headers, regions, metadata, BAT")
     info.add_argument("image")
     log = sub.add_parser("log", help="every log entry, valid or not, and why")
@@ -391,11 +391,13 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="crashsim")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """``crashsim vhdx ...`` (``argv`` starts with "vhdx"), through crashsim's own entry
+    point: the same one-line errors and exit codes as the ``crashsim`` command."""
+    from .cli import main as cli_main
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the package, so exception classes are the package's own, not __main__'s.
+    from crashsim.cli import main as package_main
+    sys.exit(package_main())

@@ -150,6 +150,8 @@ def test_executor_options_that_cannot_work_are_input_errors(tmp_path, monkeypatc
     (["vhdx", "write", "x.vhdx", "0", "1", "--seed", "q"], "argument --seed"),
     (["vhdx", "replay", "--policy", "foo", "x.vhdx"], "invalid choice: 'foo'"),
     (["run"], "required: scenarios"),
+    (["vhdx"], "the following arguments are required: COMMAND"),
+    (["vhdx", "frob"], "argument COMMAND: invalid choice: 'frob' (choose from 'info'"),
 ])
 def test_option_values_argparse_refuses_are_one_line(capsys, args, needle):
     # argparse printed its usage block above the error: three lines for one mistake
@@ -160,6 +162,15 @@ def test_option_values_argparse_refuses_are_one_line(capsys, args, needle):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("crashsim: error: "), err
     assert needle in err and f"(see 'crashsim {args[0]}" in err
+
+
+def test_the_vhdx_module_run_alone_has_the_same_one_line_errors():
+    # python -m crashsim.vhdx_cli printed argparse's usage block, as its own parser
+    proc = subprocess.run([sys.executable, "-m", "crashsim.vhdx_cli", "vhdx", "info"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr == ("crashsim: error: the following arguments are required: "
+                           "image (see 'crashsim vhdx info --help')\n")
 
 
 @pytest.mark.parametrize("workers", ["0", "-1", "1025", "1000000000000"])
