@@ -6,9 +6,15 @@ A failure names the first violation's state ID and the command that replays it.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+
+# A scenario names its writer or its trace at the top level. Other tools keep YAML in
+# folders called scenarios too; the check is on the text, so a scenario with a YAML
+# error is still collected (and its error reported) rather than skipped in silence.
+_SCENARIO_KEY = re.compile(r"""^["']?(writer|trace)["']?\s*:""", re.MULTILINE)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -18,9 +24,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):
-    if file_path.suffix in (".yaml", ".yml") and file_path.parent.name == "scenarios":
+    if file_path.suffix in (".yaml", ".yml") and file_path.parent.name == "scenarios" \
+            and _looks_like_scenario(file_path):
         return ScenarioFile.from_parent(parent, path=file_path)
     return None
+
+
+def _looks_like_scenario(path: Path) -> bool:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return True  # collected, so that loading it reports why it cannot be read
+    return _SCENARIO_KEY.search(text) is not None
 
 
 class ScenarioFailed(Exception):

@@ -199,6 +199,25 @@ def test_pytest_plugin_runs_scenarios_and_reports_a_violation(tmp_path):
     assert "crashsim replay" in proc.stdout
 
 
+def test_pytest_plugin_leaves_other_tools_yaml_in_a_scenarios_folder_alone(tmp_path):
+    # The plugin is on wherever crashsim is installed: a project's own scenarios/ YAML
+    # (fixtures, manifests) must not become failing crashsim tests.
+    folder = tmp_path / "tests" / "scenarios"
+    folder.mkdir(parents=True)
+    (folder / "pod.yaml").write_text("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n")
+    (folder / "login.yml").write_text("- step: login\n  user: bob\n")
+    (tmp_path / "tests" / "test_a.py").write_text("def test_ok():\n    pass\n")
+    _write(folder, "fine")
+    (folder / "typo.yaml").write_text("name: typo\nwriter: {kind: wal\nexpect: pass\n")
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "tests", "-q",
+                           "-p", "no:cacheprovider"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert "1 failed, 2 passed" in proc.stdout, proc.stdout
+    # A scenario with a YAML error is still collected, and its error names the line.
+    assert "typo.yaml:3: YAML:" in proc.stdout
+
+
 def _scrub(text: str) -> dict:
     data = json.loads(text)
     data["crashsim_version"] = "X"
