@@ -23,6 +23,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="worker processes per crashsim scenario (default 1)")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The bounds of `crashsim run --workers`: 0 or less ran with one worker unasked, and
+    # a huge count spent minutes starting processes (or died allocating their lanes).
+    from .cli import MAX_WORKERS
+    workers = config.getoption("--crashsim-workers")
+    if not 1 <= workers <= MAX_WORKERS:
+        raise pytest.UsageError(f"--crashsim-workers must be from 1 to {MAX_WORKERS}, "
+                                f"got {workers}")
+
+
 def pytest_collect_file(file_path: Path, parent: pytest.Collector):
     if file_path.suffix in (".yaml", ".yml") and file_path.parent.name == "scenarios" \
             and _looks_like_scenario(file_path):

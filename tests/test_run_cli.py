@@ -218,6 +218,19 @@ def test_pytest_plugin_leaves_other_tools_yaml_in_a_scenarios_folder_alone(tmp_p
     assert "typo.yaml:3: YAML:" in proc.stdout
 
 
+@pytest.mark.parametrize("workers", ["0", "-1", "1025"])
+def test_pytest_plugin_workers_out_of_range_is_a_usage_error(tmp_path, workers):
+    # as for `crashsim run --workers`; 1025 and up used to start that many processes
+    folder = tmp_path / "scenarios"
+    folder.mkdir()
+    _write(folder, "fine")
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(folder), "-q",
+                           "-p", "no:cacheprovider", f"--crashsim-workers={workers}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert f"--crashsim-workers must be from 1 to 1024, got {workers}" in proc.stderr
+
+
 def _scrub(text: str) -> dict:
     data = json.loads(text)
     data["crashsim_version"] = "X"
