@@ -88,6 +88,12 @@ def failure_message(results: dict) -> str:
     lines = [f"scenario {sc['name']}: expected {expect}; found {found or 'no violations'}"]
     if not results["complete"]:
         lines.append("the run is incomplete")
+    # Either fails a run that found no violation: without them the message has no reason.
+    if results.get("workload_error"):
+        lines.append(f"the workload failed on its own: {results['workload_error']}")
+    if results.get("memory_capped_crash_points"):
+        lines.append(f"not judged in full: {results['memory_capped_crash_points']} of "
+                     f"{results['totals']['crash_points']} crash points over the memory cap")
     if results["violations"]:
         v = results["violations"][0]
         lines.append(f"first violation: {v['class']} at state {v['state_id']} "

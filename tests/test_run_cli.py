@@ -218,6 +218,26 @@ def test_pytest_plugin_leaves_other_tools_yaml_in_a_scenarios_folder_alone(tmp_p
     assert "typo.yaml:3: YAML:" in proc.stdout
 
 
+def test_pytest_plugin_says_why_a_run_with_no_violation_failed(tmp_path):
+    # a workload that fails on its own (see the overflow test below), then a memory cap
+    folder = tmp_path / "scenarios"
+    folder.mkdir()
+    (folder / "overflow.yaml").write_text(SMALL.format(
+        name="overflow", defects="", expect="pass").replace(
+        "offset: 1KiB, length: 2KiB", "offset: 0, length: 1MiB"))
+    (folder / "capped.yaml").write_text(SMALL.format(
+        name="capped", defects="", expect="pass").replace(
+        "explore: {", "explore: {max_memory_mib: 1, "))
+    proc = subprocess.run([sys.executable, "-m", "pytest", str(folder), "-q",
+                           "-p", "no:cacheprovider"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert "2 failed" in proc.stdout, proc.stdout
+    assert "the workload failed on its own: ValueError: a 1048576-byte record" \
+        in proc.stdout
+    assert "not judged in full: " in proc.stdout
+    assert "crash points over the memory cap" in proc.stdout
+
+
 @pytest.mark.parametrize("workers", ["0", "-1", "1025"])
 def test_pytest_plugin_workers_out_of_range_is_a_usage_error(tmp_path, workers):
     # as for `crashsim run --workers`; 1025 and up used to start that many processes
