@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 # A scenario names its writer or its trace at the top level. Other tools keep YAML in
-# folders called scenarios too; the check is on the text, so a scenario with a YAML
-# error is still collected (and its error reported) rather than skipped in silence.
+# folders called scenarios too. A file that does not parse is checked on its text, so a
+# scenario with a YAML error is still collected (and its error reported), not skipped.
 _SCENARIO_KEY = re.compile(r"""^["']?(writer|trace)["']?\s*:""", re.MULTILINE)
 
 
@@ -41,11 +41,17 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector):
 
 
 def _looks_like_scenario(path: Path) -> bool:
+    from .scenario import MAX_SCENARIO_BYTES, ScenarioError, _read_yaml
     try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return True  # collected, so that loading it reports why it cannot be read
-    return _SCENARIO_KEY.search(text) is not None
+        data = _read_yaml(path)  # bounded, and guarded against alias bombs
+    except ScenarioError:  # unreadable, no mapping, or a YAML error: the text tells
+        try:
+            with open(path, "rb") as f:
+                text = f.read(MAX_SCENARIO_BYTES).decode("utf-8", "replace")
+        except OSError:
+            return True  # collected, so that loading it reports why it cannot be read
+        return _SCENARIO_KEY.search(text) is not None
+    return "writer" in data or "trace" in data
 
 
 class ScenarioFailed(Exception):

@@ -209,11 +209,14 @@ def test_pytest_plugin_leaves_other_tools_yaml_in_a_scenarios_folder_alone(tmp_p
     (tmp_path / "tests" / "test_a.py").write_text("def test_ok():\n    pass\n")
     _write(folder, "fine")
     (folder / "typo.yaml").write_text("name: typo\nwriter: {kind: wal\nexpect: pass\n")
+    (folder / "flow.yaml").write_text(  # a scenario on one line is still one
+        "{name: flow, writer: {kind: wal}, workload: {ops: [{log_write: {offset: 0, "
+        "length: 512}}]}}\n")
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", "tests", "-q",
                            "-p", "no:cacheprovider"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert "1 failed, 2 passed" in proc.stdout, proc.stdout
+    assert "1 failed, 3 passed" in proc.stdout, proc.stdout
     # A scenario with a YAML error is still collected, and its error names the line.
     assert "typo.yaml:3: YAML:" in proc.stdout
 
