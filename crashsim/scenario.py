@@ -717,14 +717,15 @@ def _check_trace(path: Path, data: Any, scenario: Scenario) -> None:
 def _not_a_file(scenario: Scenario, name: str) -> str | None:
     """Why a trace input names no file, or None when it does."""
     try:
-        if scenario.resolve_path(name).is_file():
+        resolved = scenario.resolve_path(name)
+        if resolved.is_file():
             return None
     except RuntimeError:  # ~user, and no such user
         return f"cannot expand ~ in {_short(name)}: no such user; write the path out"
     except OSError as exc:  # a name too long, a folder that may not be searched
         return f"cannot use {_short(name)}: {exc.strerror}"
-    return (f"file not found: {scenario.resolve_path(name)} (paths are relative to the "
-            f"scenario file's folder)")
+    return (f"file not found: {resolved} (paths are relative to the scenario file's "
+            f"folder)")
 
 
 def _check_ops_fit(path: Path, data: Any, scenario: Scenario) -> None:
