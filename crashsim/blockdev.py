@@ -10,11 +10,16 @@ on a plain image or file (where they yield nothing). A writer calls::
     dev.resize(size_bytes)                   # the file length; durable when made
 
 ``run_sync`` drives such a generator on a device that never yields.
+
+A reader that uses some bytes only through a pure function of them (a log scan that
+keeps what it parsed from a page, never the page) may read them with ``read_summary``.
+On the oracle's device (``readset.ReadLogDevice``) such a read is noted with its value,
+so a crash state whose bytes there differ but give an equal value can share a verdict.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Generator, Protocol
+from typing import Any, Callable, Generator, Hashable, Protocol
 
 from .image import SparseImage
 from .trace import Trace, Write
@@ -31,6 +36,19 @@ class BlockDevice(Protocol):
     def write(self, offset: int, data: bytes, fua: bool = False) -> IOGen: ...
     def flush(self) -> IOGen: ...
     def resize(self, size_bytes: int) -> None: ...
+
+
+def read_summary(dev: Any, offset: int, length: int, summarise: Callable[[bytes], Any],
+                 key: Hashable | None) -> Any:
+    """``summarise(dev.read(offset, length))``. The caller promises to use those bytes
+    only through the value returned; ``summarise`` must be deterministic, free of side
+    effects, and the same function for every call with the same ``key`` (None: no
+    key, a plain read). Its value must compare equal (``==``) exactly when what the
+    caller does with it is the same."""
+    own = getattr(dev, "read_summary", None)
+    if own is not None:
+        return own(offset, length, summarise, key)
+    return summarise(dev.read(offset, length))
 
 
 class NotSynchronous(RuntimeError):

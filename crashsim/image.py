@@ -205,6 +205,10 @@ class SparseImage:
             layer = layer.parent
         return _ZERO_SECTOR
 
+    def holds_any(self, first: int, last: int) -> bool:
+        """Whether this layer itself (not its parents) holds a sector in first..last."""
+        return bool(self.sectors) and bool(_sectors_in([self], first, last))
+
     def put_sector(self, index: int, data: bytes) -> None:
         self._check_writable()
         fresh = self._note_new(index, index)

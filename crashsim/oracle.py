@@ -167,7 +167,7 @@ class Judge:
         work = image.fork()
         rec_trace = Trace(base=image, **self._device) if record else None
         dev = ImageDevice(work, trace=rec_trace) if reads is None else \
-            ReadLogDevice(work, reads)
+            ReadLogDevice(work, reads, state=image)
         try:
             recovery = self._in_writer(run_sync, self.writer.recover(dev)) or Recovery()
         except RecoveryError as exc:
@@ -195,7 +195,7 @@ class Judge:
         if self.keep_views:
             ex.view = _joined(view)
         if self.probe and ex.matched_k and not ex.structure:
-            ex.probe_error = self._probe_once(work, checks, reads)
+            ex.probe_error = self._probe_once(work, checks, reads, image)
         return ex
 
     def _view_of(self, image: SparseImage, work: SparseImage, dev: ImageDevice,
@@ -237,15 +237,16 @@ class Judge:
         return checks
 
     def _probe_once(self, recovered: SparseImage, checks: "_Checks",
-                    reads: list[tuple[int, int]] | None = None) -> str | None:
+                    reads: list[tuple[int, int]] | None = None,
+                    state: SparseImage | None = None) -> str | None:
         if not checks.probed:
-            checks.probe_error, checks.probed = self._probe(recovered, reads), True
+            checks.probe_error, checks.probed = self._probe(recovered, reads, state), True
         return checks.probe_error
 
-    def _probe(self, recovered: SparseImage,
-               reads: list[tuple[int, int]] | None = None) -> str | None:
+    def _probe(self, recovered: SparseImage, reads: list[tuple[int, int]] | None = None,
+               state: SparseImage | None = None) -> str | None:
         dev = ImageDevice(recovered.fork()) if reads is None else \
-            ReadLogDevice(recovered.fork(), reads)
+            ReadLogDevice(recovered.fork(), reads, state=state)
         try:
             self._in_writer(run_sync, self.writer.probe(dev))
         except (ProbeFailed, RecoveryError) as exc:

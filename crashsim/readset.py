@@ -17,6 +17,13 @@ is an ancestor: the sectors made durable in between are compared as well. The or
 view memo does (a view reads little that a step makes durable); for whole verdicts it
 found no hits, only cost.
 
+A read made with ``blockdev.read_summary`` is one the writer uses only through a pure
+function of its bytes (the VHDX scan keeps the entries it parsed from a log page, never
+the page). Where a state's own sectors differ from a judged state's there, the function
+is run on the state's bytes, and an equal value agrees: torn log entries that fail the
+same check in the same way then share one recovery. Such a read is noted with its value
+only when every byte of it comes from the state, not from what judging wrote first.
+
 A writer opts in with ``reads_through_device = True``: its recovery, view, checks and
 probe read the image only through the device they are given and are deterministic.
 A writer that hands the image to an external tool must not, since the tool's reads
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass
+from typing import Any, Callable, Hashable
 
 from .blockdev import ImageDevice
 from .image import PAGE_SECTORS, SECTOR_BYTES, SparseImage
@@ -35,15 +43,42 @@ MAX_LAYERS_APART = 4  # an older step's durable layer further down is not compar
 
 
 class ReadLogDevice(ImageDevice):
-    """An ImageDevice that notes the (offset, length) of every read."""
+    """An ImageDevice that notes the (offset, length) of every read. ``state`` is the
+    crash state's own layer, which ``image`` forks: a summarised read is noted as such
+    only if no layer in between (judging's own writes) holds a sector of it."""
 
-    def __init__(self, image: SparseImage, reads: list[tuple[int, int]]):
+    def __init__(self, image: SparseImage, reads: list, state: SparseImage | None = None):
         super().__init__(image)
         self.reads = reads
+        self.state = state
 
     def read(self, offset: int, length: int) -> bytes:
         self.reads.append((offset, length))
         return self.image.read(offset, length)
+
+    def read_summary(self, offset: int, length: int, summarise: Callable[[bytes], Any],
+                     key: Hashable | None) -> Any:
+        try:
+            value = summarise(self.image.read(offset, length))
+        except BaseException:
+            self.reads.append((offset, length))  # a failure is the bytes' own finding
+            raise
+        if key is None or length <= 0 or self._written_over(offset, length):
+            self.reads.append((offset, length))
+        else:
+            self.reads.append(Summarised(offset, length, key, summarise, value))
+        return value
+
+    def _written_over(self, offset: int, length: int) -> bool:
+        if self.state is None:
+            return True  # which layer is the state's is not known
+        first, last = offset // SECTOR_BYTES, (offset + length - 1) // SECTOR_BYTES
+        layer: SparseImage | None = self.image
+        while layer is not self.state:
+            if layer is None or layer.holds_any(first, last):
+                return True
+            layer = layer.parent
+        return False
 
     def note_reads(self, spans: "list[tuple[int, int]] | ReadGroup") -> None:
         """Note reads a caller answered itself, having found those sectors unchanged
@@ -68,6 +103,25 @@ class ReadGroup(tuple):
         return m
 
 
+class Summarised:
+    """A read noted with the value its summary function gave (``read_summary``)."""
+
+    __slots__ = ("offset", "length", "key", "summarise", "value")
+
+    def __init__(self, offset: int, length: int, key: Hashable,
+                 summarise: Callable[[bytes], Any], value: Any):
+        self.offset, self.length, self.key = offset, length, key
+        self.summarise, self.value = summarise, value
+
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.offset, self.length
+
+
+_FAILED = object()  # a summary function that raised on a state's bytes
+_UNSEEN = object()
+
+
 @dataclass
 class _Judged:
     durable: SparseImage  # the sealed layer the state was a thin layer over
@@ -79,7 +133,14 @@ class _Judged:
     ends: list[int]
     groups: tuple[ReadGroup, ...]
     result: object
-    reads: list[tuple[int, int]]  # as noted, for a caller that reuses the result
+    reads: list  # as noted, for a caller that reuses the result
+    # Summarised reads (sorted, none overlapping) and the sector intervals read plainly;
+    # starts/ends above hold both, so every comparison that ignores summaries is safe.
+    summaries: tuple[Summarised, ...] = ()
+    sum_firsts: tuple[int, ...] = ()
+    sum_lasts: tuple[int, ...] = ()
+    raw_starts: list[int] | None = None
+    raw_ends: list[int] | None = None
 
 
 class ReadSetMemo:
@@ -89,6 +150,7 @@ class ReadSetMemo:
         self.enabled = enabled
         self.across_steps = across_steps
         self._judged: list[_Judged] = []
+        self.summary_hits = 0  # found by an equal summary where the bytes differed
 
     def _applies(self, image: SparseImage) -> bool:
         return self.enabled and image.parent is not None and image.parent.sealed
@@ -97,13 +159,16 @@ class ReadSetMemo:
         """The result of a judged state that ``image`` agrees with where it was read."""
         if not self._applies(image):
             return None
-        found = self.find_over(image.sectors, image.size_bytes, image.parent)
+        found = self.find_over(image.sectors, image.size_bytes, image.parent, image)
         return None if found is None else found.result
 
     def find_over(self, sectors: dict[int, bytes], size_bytes: int,
-                  durable: SparseImage) -> "_Judged | None":
-        """The judged entry that content ``sectors`` over ``durable`` agrees with."""
+                  durable: SparseImage, image: SparseImage | None = None
+                  ) -> "_Judged | None":
+        """The judged entry that content ``sectors`` over ``durable`` agrees with.
+        ``image``, that content as an image, lets a differing summarised read agree."""
         own = _pages_of(sectors)
+        summaries: dict = {}  # each summary function run once on this state's bytes
         moved_since: dict[int, dict[int, list[int]] | None] = {}
         for judged in reversed(self._judged):
             if judged.size_bytes != size_bytes:
@@ -111,7 +176,10 @@ class ReadSetMemo:
             if judged.durable is durable:
                 if _unread_pages(judged, own) and _unread_pages(judged, judged.own_pages):
                     return judged  # neither state's own sectors were read at all
-                if _agrees(sectors, judged, durable):
+                unsure = _unsure_summaries(sectors, judged, durable, image)
+                if unsure is not None and all(
+                        _same_summary(judged.summaries[i], image, summaries) for i in unsure):
+                    self.summary_hits += bool(unsure)
                     return judged
                 continue
             if not self.across_steps:
@@ -136,18 +204,34 @@ class ReadSetMemo:
         if len(self._judged) >= RECENT_STATES:
             del self._judged[0]  # lookups compare the newest ones only
         groups = tuple({id(r): r for r in reads if type(r) is ReadGroup}.values())
-        starts, ends = _merged_sectors([r for r in reads if type(r) is not ReadGroup]
-                                       if groups else reads)
+        # Read again with the same function, a range gave the same value: one is kept.
+        summaries = sorted({(r.key, r.offset, r.length): r for r in reads
+                            if type(r) is Summarised}.values(), key=lambda r: r.offset)
+        plain = [r for r in reads if type(r) is tuple] if groups or summaries else reads
+        starts, ends = _merged_sectors(plain)
+        extra: dict[str, object] = {}
+        if summaries:
+            raw_starts, raw_ends = starts, ends
+            starts, ends = _merged_sectors(plain + [r.span for r in summaries])
+            firsts, lasts = _bounds(summaries)
+            if all(a > b for a, b in zip(firsts[1:], lasts)):  # overlapping: all plain
+                extra = dict(summaries=tuple(summaries), sum_firsts=firsts, sum_lasts=lasts,
+                             raw_starts=raw_starts, raw_ends=raw_ends)
         pages = _pages_in(starts, ends)  # a group's pages stay its own: no union to build
         self._judged.append(_Judged(durable, sectors, _pages_of(sectors), size_bytes, pages,
-                                    starts, ends, groups, result, list(reads)))
+                                    starts, ends, groups, result, list(reads), **extra))
 
 
 def merged_reads(reads: list) -> tuple[list[int], list[int]]:
-    """The sector intervals of ``reads``, groups spelled out: what was read, however
-    it was noted."""
-    return _merged_sectors([s for r in reads
-                            for s in (r if type(r) is ReadGroup else (r,))])
+    """The sector intervals of ``reads``, groups and summaries spelled out: what was
+    read, however it was noted."""
+    return _merged_sectors([s for r in reads for s in (
+        r if type(r) is ReadGroup else (r.span,) if type(r) is Summarised else (r,))])
+
+
+def _bounds(summaries: list[Summarised]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return (tuple(r.offset // SECTOR_BYTES for r in summaries),
+            tuple((r.offset + r.length - 1) // SECTOR_BYTES for r in summaries))
 
 
 def _unread_pages(judged: _Judged, pages: frozenset[int]) -> bool:
@@ -165,9 +249,15 @@ def _pages_in(starts: list[int], ends: list[int]) -> frozenset[int]:
 
 
 def _was_read(judged: _Judged, x: int) -> bool:
-    i = bisect_right(judged.starts, x) - 1
-    if i >= 0 and x <= judged.ends[i]:
-        return True
+    return _in(judged.starts, judged.ends, x) or _in_group(judged, x)
+
+
+def _in(starts, ends, x: int) -> bool:
+    i = bisect_right(starts, x) - 1
+    return i >= 0 and x <= ends[i]
+
+
+def _in_group(judged: _Judged, x: int) -> bool:
     for group in judged.groups:
         starts, ends, _ = group.merged()
         i = bisect_right(starts, x) - 1
@@ -200,8 +290,12 @@ def _merged_sectors(reads: list[tuple[int, int]]) -> tuple[list[int], list[int]]
     return starts, ends
 
 
-def _agrees(sectors: dict[int, bytes], judged: _Judged, durable: SparseImage) -> bool:
-    """Equal content in every read sector where either state's own layer differs."""
+def _unsure_summaries(sectors: dict[int, bytes], judged: _Judged, durable: SparseImage,
+                      image: SparseImage | None) -> set[int] | None:
+    """Where either state's own layer differs: None if in a sector read plainly, else
+    the summarised reads (by index) whose summary of ``image`` must be compared; an
+    empty set means equal content in every sector read."""
+    unsure: set[int] = set()
     for mine, theirs in ((sectors, judged.sectors), (judged.sectors, sectors)):
         for x, data in mine.items():
             if not _was_read(judged, x):
@@ -210,15 +304,43 @@ def _agrees(sectors: dict[int, bytes], judged: _Judged, durable: SparseImage) ->
             if other is None:
                 other = durable.sector(x)
             if other != data:
-                return False
-    return True
+                i = _summary_holding(judged, x) if image is not None else None
+                if i is None:
+                    return None
+                unsure.add(i)
+    return unsure
+
+
+def _summary_holding(judged: _Judged, x: int) -> int | None:
+    """The summarised read sector ``x`` lies in, unless it was also read plainly."""
+    if not judged.summaries:
+        return None
+    i = bisect_right(judged.sum_firsts, x) - 1
+    if i < 0 or x > judged.sum_lasts[i]:
+        return None
+    if _in(judged.raw_starts, judged.raw_ends, x) or _in_group(judged, x):
+        return None
+    return i
+
+
+def _same_summary(read: Summarised, image: SparseImage, seen: dict | None) -> bool:
+    key = (read.key, read.offset, read.length)
+    value = _UNSEEN if seen is None else seen.get(key, _UNSEEN)
+    if value is _UNSEEN:
+        try:
+            value = read.summarise(image.read(read.offset, read.length))
+        except Exception:
+            value = _FAILED
+        if seen is not None:
+            seen[key] = value
+    return value is not _FAILED and (value is read.value or value == read.value)
 
 
 def _agrees_across(sectors: dict[int, bytes], judged: _Judged, durable: SparseImage,
                    moved: dict[int, list[int]]) -> bool:
-    """``_agrees`` for a judged state of an earlier step, whose durable layer is
-    ``durable``'s ancestor: the sectors the layers in between hold (``moved``, by page)
-    may differ as well."""
+    """Equal content where read, for a judged state of an earlier step, whose durable
+    layer is ``durable``'s ancestor: the sectors the layers in between hold (``moved``,
+    by page) may differ as well. Summarised reads count as plain ones here."""
     candidates = [x for x in sectors if _page_read(judged, x // PAGE_SECTORS)]
     candidates += [x for x in judged.sectors if _page_read(judged, x // PAGE_SECTORS)]
     for page, held in moved.items():

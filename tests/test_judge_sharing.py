@@ -137,3 +137,117 @@ def test_a_read_group_counts_as_the_reads_it_holds():
         assert (found is None) == (found_g is None), trial
         outcomes.add(found is None)
     assert outcomes == {True, False}  # shared and not shared both came up
+
+
+def _parity(blob: bytes) -> int:
+    return sum(blob) % 2
+
+
+def _summarised_memo(reads_made):
+    """A memo holding one judged state (sector 0 holds 0x01) whose judging made
+    ``reads_made(dev)``, and the durable layer under it."""
+    from crashsim.image import SparseImage
+    from crashsim.readset import ReadLogDevice, ReadSetMemo
+    durable = SparseImage(64 * 512).seal()
+    judged = durable.fork()
+    judged.write(0, b"\x01" + bytes(511))
+    reads: list = []
+    reads_made(ReadLogDevice(judged.fork(), reads, state=judged))
+    memo = ReadSetMemo(enabled=True)
+    memo.add(judged, reads, "judged")
+    return memo, durable
+
+
+def _state(durable, *writes):
+    state = durable.fork()
+    for offset, data in writes:
+        state.write(offset, data)
+    return state
+
+
+def test_a_summarised_read_agrees_by_its_summary_not_its_bytes():
+    """Bytes read through ``read_summary`` that differ but summarise alike share a
+    verdict; a different summary, or a difference where judging read plainly, does not."""
+    from crashsim.blockdev import read_summary
+
+    def reads(dev):
+        assert read_summary(dev, 0, 1024, _parity, "parity") == 1
+        dev.read(4096, 512)
+    memo, durable = _summarised_memo(reads)
+    odd = b"\x03" + bytes(511)
+    assert memo.find(_state(durable, (0, odd))) == "judged"
+    assert memo.summary_hits == 1
+    assert memo.find(_state(durable, (0, b"\x02" + bytes(511)))) is None  # even
+    assert memo.find(_state(durable, (0, odd), (4096, b"\x01" * 512))) is None
+    assert memo.find(_state(durable, (0, odd), (8192, b"\x01" * 512))) == "judged"
+
+
+def test_a_summarised_range_also_read_plainly_must_hold_the_same_bytes():
+    from crashsim.blockdev import read_summary
+
+    def reads(dev):
+        read_summary(dev, 0, 1024, _parity, "parity")
+        dev.read(0, 512)
+    memo, durable = _summarised_memo(reads)
+    assert memo.find(_state(durable, (0, b"\x03" + bytes(511)))) is None
+    same_first = (0, b"\x01" + bytes(511))
+    assert memo.find(_state(durable, same_first, (512, b"\x02" * 512))) == "judged"
+
+
+def test_a_summary_that_fails_on_a_state_s_bytes_does_not_agree():
+    from crashsim.blockdev import read_summary
+
+    def picky(blob: bytes) -> int:
+        if blob[0] == 3:
+            raise ValueError("corrupt")
+        return _parity(blob)
+    memo, durable = _summarised_memo(lambda dev: read_summary(dev, 0, 512, picky, "picky"))
+    assert memo.find(_state(durable, (0, b"\x03" + bytes(511)))) is None
+    assert memo.find(_state(durable, (0, b"\x05" + bytes(511)))) == "judged"
+
+
+def test_a_summarised_read_is_noted_plainly_where_its_bytes_are_not_the_state_s():
+    """Over sectors judging wrote first, or when the summary raised, the read is a
+    plain one: the value then says nothing of the state's own bytes."""
+    from crashsim.blockdev import read_summary
+    from crashsim.image import SparseImage
+    from crashsim.readset import ReadLogDevice, Summarised
+    state = SparseImage(64 * 512).seal().fork()
+    work = state.fork()
+    reads: list = []
+    dev = ReadLogDevice(work, reads, state=state)
+    work.write(512, b"\x05" * 512)  # recovery's own write
+    read_summary(dev, 0, 1024, _parity, "parity")
+    read_summary(dev, 2048, 512, _parity, "parity")
+    read_summary(dev, 2048, 512, _parity, None)  # no key: a plain read
+    with pytest.raises(ValueError):
+        read_summary(dev, 4096, 512, lambda blob: int("x"), "fails")
+    assert reads[0] == (0, 1024) and reads[2:] == [(2048, 512), (4096, 512)]
+    assert type(reads[1]) is Summarised and reads[1].value == 0
+    unknown: list = []
+    read_summary(ReadLogDevice(work, unknown), 2048, 512, _parity, "parity")
+    assert unknown == [(2048, 512)]  # which layer is the state's is not known
+
+
+def test_torn_log_entries_share_judging_by_what_the_scan_made_of_them():
+    """Every state of a short bench workload, torn log entries and all, judged with
+    sharing equals a judging without any: decisions, branches, matches, checks, probe.
+    States that differ in log bytes shared a recovery through the scan's summaries."""
+    from crashsim.bench import bench_scenario
+    from crashsim.crashstates import enumerate_states, iter_steps
+    ctx = build_context(bench_scenario(5))
+    fresh = Judge(ctx.writer, ctx.model, share_reads=False, share_checks=False,
+                  device=ctx.trace)
+
+    def shape(ex):
+        return (ex.recovery.decisions, ex.recovery.branches, ex.matched_k, ex.structure,
+                ex.probe_error, ex.error)
+    judged = 0
+    for st in iter_steps(ctx.trace):
+        for cs in enumerate_states(st, 64, 1):
+            assert shape(ctx.judge.examine(cs.image)) == shape(fresh.examine(cs.image)), \
+                cs.state_id
+            judged += 1
+    assert judged > 1000
+    assert ctx.judge._memo.summary_hits > 20
+    assert ctx.judge.recoveries < judged // 10

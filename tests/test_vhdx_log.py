@@ -146,10 +146,7 @@ def test_a_scans_decisions_are_its_candidates_in_order_whether_pages_are_whole_o
             state.write(at, bytes(rng.randrange(256) for _ in range(512)))
             state.write(h.log_offset + rng.choice(heads) + 8, struct.pack("<I", 4097))
         io = BlockIO(ImageDevice(state))
-        pages = list(replay_module._log_pages(io, h))
-        chunk = replay_module.SCAN_CHUNK_BYTES
-        whole = [replay_module._page_items(b, i * chunk, h, ReplayPolicy(), None).whole
-                 for i, b in enumerate(pages)]
+        whole = [page.whole for page in replay_module._log_pages(io, h, ReplayPolicy(), None)]
         assert any(whole) and not all(whole)
         scan = scan_log(io, h)
         described = [c._describe(h.log_length) for c in scan.candidates]

@@ -27,6 +27,9 @@ verdict. The contract, in the order the explorer uses it:
     through the device they get and are deterministic (any randomness seeded). The
     oracle then reuses a verdict for states that differ only in sectors judging never
     read (see ``readset.py``). Never set it for a writer that runs an external tool.
+    Bytes such a writer uses only through a pure function of them (a log scan that
+    keeps what it parsed from a page) may be read with ``blockdev.read_summary``: states
+    whose bytes there differ but give an equal value then share a verdict too.
 ``views_incrementally`` (optional class attribute, default False)
     True says ``view`` already reuses what it read for the last state (the VHDX view
     does, ``writers/vhdx/view.py``), and notes on the device (``note_reads``) every read

@@ -23,7 +23,7 @@ import random
 import uuid
 from typing import Callable
 
-from ...blockdev import BlockDevice, IOGen
+from ...blockdev import BlockDevice, IOGen, read_summary
 from .format import (FILE_SIGNATURE, HEADER_BLOCK, HEADER_SLOTS, LOG_SECTOR, MAX_FILE_BYTES,
                      ZERO_GUID, Header, LogEntry, MiB, SectorUpdate, VhdxCorrupt,
                      build_log_entry, choose_header, entry_sector_count, header_block,
@@ -60,6 +60,9 @@ class BlockIO:
 
     def read(self, offset: int, length: int) -> bytes:
         return self.dev.read(offset, length)
+
+    def read_summary(self, offset: int, length: int, summarise, key):
+        return read_summary(self.dev, offset, length, summarise, key)
 
     def write(self, offset: int, data: bytes) -> IOGen:
         start = offset - offset % SECTOR_BYTES

@@ -22,14 +22,15 @@ keeps replay's writes in memory.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterator
 
-from ...blockdev import BlockDevice, IOGen
+from ...blockdev import BlockDevice, IOGen, read_summary
 from ...image import SparseImage
 from .format import (HEADER_SLOTS, LOG_SECTOR, ZERO_GUID, Header, LogEntry, LogEntryHeader,
                      MiB, VhdxCorrupt, check_data_sector, check_entry_header, check_layout,
@@ -186,7 +187,7 @@ def scan_log(io: BlockIO | BlockDevice, header: Header,
     """Every candidate entry, the sequences, and the active one (no writes)."""
     check_log_in_file(io, header)
     memo = header.log_length <= MEMO_LOG_BYTES  # a larger log (a hostile header) is not kept
-    return _scan_pages(io, header, policy, _log_pages(io, header), memo)
+    return _scan_pages(io, header, policy, memo)
 
 
 class _Memo:
@@ -223,22 +224,34 @@ MAX_PLACES = 4096  # one per log GUID and policy; hostile headers could make man
 MEMO_LOG_BYTES = 16 << 20
 
 
-def _log_pages(io: BlockIO | BlockDevice, header: Header) -> Iterator[bytes]:
+def _log_pages(io: BlockIO | BlockDevice, header: Header, policy: ReplayPolicy,
+               place: int | None) -> Iterator[_Page]:
+    """The log, page by page, as the candidates each page holds. The scan uses a page's
+    bytes only through them (an entry running past the page is read again, plainly),
+    so the page is read as a summary: crash states whose torn log sectors fail the same
+    checks the same way can share one judging (``readset.py``)."""
+    key = None if place is None else ("vhdx-log-page", place)  # names the function
     for start in range(0, header.log_length, SCAN_CHUNK_BYTES):
-        blob = io.read(header.log_offset + start,
-                       min(SCAN_CHUNK_BYTES, header.log_length - start))
-        yield blob if type(blob) is bytes else bytes(blob)
+        summarise = functools.partial(_page_of, start=start, header=header, policy=policy,
+                                      place=place)
+        yield read_summary(io, header.log_offset + start,
+                           min(SCAN_CHUNK_BYTES, header.log_length - start), summarise, key)
+
+
+def _page_of(blob: bytes, start: int, header: Header, policy: ReplayPolicy,
+             place: int | None) -> _Page:
+    return _page_items(blob if type(blob) is bytes else bytes(blob), start, header, policy,
+                       place)
 
 
 def _scan_pages(io: BlockIO | BlockDevice, header: Header, policy: ReplayPolicy,
-                pages: Iterable[bytes], memo: bool = True) -> LogScan:
+                memo: bool = True) -> LogScan:
     cands: list[Candidate] = []
     notes: list[str] = []
     branches: list[str] = []
     valid: list[Candidate] = []
     place = _place(header, policy) if memo else None
-    for i, blob in enumerate(pages):
-        page = _page_items(blob, i * SCAN_CHUNK_BYTES, header, policy, place)
+    for page in _log_pages(io, header, policy, place):
         if page.whole:
             cands += page.items
             notes += page.notes
