@@ -11,7 +11,8 @@ SCENARIOS = Path(__file__).resolve().parents[1] / "scenarios"
 KEYS = {"states_per_second_per_core", "qemu_img_states_per_second", "speedup_vs_qemu_img",
         "parallel_speedup", "peak_rss_mib", "parallel_ceiling", "parallel_efficiency",
         "states_per_second_in_process", "parallel_speedup_over_in_process",
-        "parallel_speedup_at_10_writes",
+        "parallel_speedup_at_10_writes", "parallel_speedup_by_round",
+        "parallel_ceiling_by_round",
         "scaling_growth", "scaling_exponent", "scaling_growth_crashsim",
         "scaling_exponent_crashsim"}
 
@@ -46,6 +47,7 @@ def test_the_parallel_speedup_is_two_worker_processes_over_one(monkeypatch):
     assert par.speedup == pytest.approx(2.0)
     assert par.speedup_over_in_process == pytest.approx(1.8)
     assert par.ceiling == pytest.approx(1.8)  # two in-process runs at once took 1.0 s
+    assert par.speedups == pytest.approx([2.0] * 3) and len(par.ceilings) == 3
     assert bench._long_speedup(bench.bench_scenario(1), rounds=1) == pytest.approx(2.0)
 
 
