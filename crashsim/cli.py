@@ -15,6 +15,7 @@ from typing import NoReturn
 from .errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK, InputError
 
 MAX_WORKERS = 1024
+MAX_MEMORY_MIB = 1 << 24
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,8 +98,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # each is a process forked at once, with its share of the lanes in shared
         # memory: --workers 1000000000000 died allocating them (exit 3)
         raise InputError(f"--workers must be from 1 to {MAX_WORKERS}, got {args.workers}")
-    if args.max_memory_mib is not None and args.max_memory_mib < 1:
-        raise InputError("--max-memory-mib must be at least 1")
+    if args.max_memory_mib is not None and not 1 <= args.max_memory_mib <= MAX_MEMORY_MIB:
+        # the range a scenario's explore.max_memory_mib is held to
+        raise InputError(f"--max-memory-mib must be from 1 to {MAX_MEMORY_MIB} (16 TiB), "
+                         f"got {args.max_memory_mib}")
     if args.scheduler and args.executor != "dask":
         raise InputError("--scheduler is the address of a Dask scheduler: add "
                          "--executor dask, or drop --scheduler to run on this machine")

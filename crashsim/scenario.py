@@ -199,7 +199,7 @@ class ExploreSection(_Strict):
     recovery_states_per_step: int = Field(64, ge=1, le=MAX_STATES_PER_STEP)
     shrink: bool = True
     # Resident memory of each exploring process; past it the rest is skipped and said so.
-    max_memory_mib: int = Field(2048, ge=1, le=1 << 24)
+    max_memory_mib: int = Field(2048, ge=1, le=1 << 24)  # cli.MAX_MEMORY_MIB
 
 
 class ExpectViolations(_Strict):

@@ -120,10 +120,13 @@ def test_the_cli_memory_cap_overrides_the_scenario_and_keeps_its_hash(tmp_path):
     junit = (out / "junit.xml").read_text()
     assert 'name="skipped_reasons" value="memory_cap"' in junit
     assert 'failures="1"' in junit and "a pass cannot be claimed" in junit
-    bad = subprocess.run([sys.executable, "-m", "crashsim", "run", str(path),
-                          "--max-memory-mib", "0"], capture_output=True, text=True,
-                         timeout=60)
-    assert bad.returncode == 2 and "--max-memory-mib must be at least 1" in bad.stderr
+    for value in ("0", str((1 << 24) + 1)):  # the range the scenario's key is held to
+        bad = subprocess.run([sys.executable, "-m", "crashsim", "run", str(path),
+                              "--max-memory-mib", value], capture_output=True, text=True,
+                             timeout=60)
+        assert bad.returncode == 2, value
+        assert f"--max-memory-mib must be from 1 to 16777216 (16 TiB), got {value}" in \
+            bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_the_cap_drops_the_judge_cache_first_then_skips_the_rest(tmp_path, monkeypatch):
