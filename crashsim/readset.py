@@ -168,7 +168,7 @@ class ReadSetMemo:
         """The judged entry that content ``sectors`` over ``durable`` agrees with.
         ``image``, that content as an image, lets a differing summarised read agree."""
         own = _pages_of(sectors)
-        summaries: dict = {}  # each summary function run once on this state's bytes
+        values: dict = {}  # each summary function run once on this state's bytes
         moved_since: dict[int, dict[int, list[int]] | None] = {}
         for judged in reversed(self._judged):
             if judged.size_bytes != size_bytes:
@@ -178,7 +178,7 @@ class ReadSetMemo:
                     return judged  # neither state's own sectors were read at all
                 unsure = _unsure_summaries(sectors, judged, durable, image)
                 if unsure is not None and all(
-                        _same_summary(judged.summaries[i], image, summaries) for i in unsure):
+                        _same_summary(judged.summaries[i], image, values) for i in unsure):
                     self.summary_hits += bool(unsure)
                     return judged
                 continue
